@@ -1,0 +1,172 @@
+"""Command line: `python -m sd inspect CKPT`, `python -m sd generate ...`, `python -m sd train ...`.
+
+Errors about files and parameters print one line (`error: ...`) and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'H,W' or 'HxW' -> (h, w)."""
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 1024,1024, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
+    from .detect import UNET, detect
+    from .loader import _load, account_keys, check_report, probe_is_v
+    from .unet import UNetModel
+
+    ckpt = open_checkpoint(args.checkpoint)
+    shapes = ckpt.shapes()
+    spec = detect(shapes, prediction=args.prediction)
+    rep = account_keys(shapes, spec)
+    check_report(rep, ckpt.path.name)
+    prediction, source = spec.prediction, spec.prediction_source
+    if source == "probe":
+        unet = _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", "cpu", None)
+        prediction = "v" if probe_is_v(unet) else "eps"
+        source = "A1111 probe on the UNet (constant input at t=999)"
+    numel = lambda keys: sum(_prod(shapes[k]) for k in keys)  # noqa: E731
+    ignored: dict[str, int] = {}
+    for why in rep.ignored.values():
+        ignored[why] = ignored.get(why, 0) + 1
+    report = {
+        "file": str(ckpt.path),
+        "family": spec.family,
+        "prediction": prediction,
+        "prediction_decided_by": source,
+        "latent": asdict(spec.latent),
+        "unet": asdict(spec.unet),
+        "vae": asdict(spec.vae) if spec.vae else None,
+        "text_encoders": [asdict(t) for t in spec.text_encoders],
+        "parameters": {comp: numel(keys) for comp, keys in rep.loaded.items()},
+        "tensors": {"total": len(shapes), "loaded": sum(len(v) for v in rep.loaded.values()),
+                    "ignored": len(rep.ignored), "unsupported": len(rep.unsupported)},
+        "ignored_by_rule": ignored,
+        "unsupported": list(spec.unsupported),
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import GenerateParams, default_size, generate, load_model
+
+    path = args.checkpoint
+    if path is None:
+        from .demo import DEMO_CHECKPOINT
+
+        path = DEMO_CHECKPOINT
+        print(f"no --checkpoint given: using the built-in demo model {path}", file=sys.stderr)
+    model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction)
+    size = default_size(model.spec, is_demo=args.checkpoint is None)
+    args.width, args.height = args.width or size, args.height or size
+    params = GenerateParams(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
+        sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
+    )
+    if args.init_image:
+        from PIL import Image
+
+        params.init_image = Image.open(args.init_image)
+        params.strength = args.strength
+    total = args.steps
+
+    def progress(info: dict) -> None:
+        print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
+
+    result = generate(model, params, callback=progress)
+    print(file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(result.images):
+        p = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        img.save(p)
+        paths.append(str(p))
+    if args.save_latent:
+        from safetensors.torch import save_file
+
+        save_file({"latent": result.latents.contiguous()}, args.save_latent)
+    print(json.dumps({"images": paths, "family": model.spec.family, "prediction": model.spec.prediction,
+                      "seed": args.seed, "steps": total}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sd", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="print a JSON report about a checkpoint")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--prediction", choices=["eps", "v"], default=None)
+    ins.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("generate", help="text to image from a single-file checkpoint")
+    g.add_argument("--checkpoint", default=None, help="a .safetensors/.ckpt file (default: the built-in demo model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", default="euler")
+    g.add_argument("--schedule", default="normal")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the detected prediction type")
+    g.add_argument("--sdxl-original-size", type=_size, default=None, help="H,W (default: output size)")
+    g.add_argument("--sdxl-crop", type=_size, default=(0, 0), help="top,left (default 0,0)")
+    g.add_argument("--sdxl-target-size", type=_size, default=None, help="H,W (default: output size)")
+    g.add_argument("--aesthetic-score", type=float, default=6.0)
+    g.add_argument("--negative-aesthetic-score", type=float, default=2.5)
+    g.add_argument("--init-image", default=None, help="img2img source image")
+    g.add_argument("--strength", type=float, default=0.75)
+    g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
+    g.add_argument("--out", default="outputs/out.png")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train the built-in demo model (see sd/demo/README.md)", add_help=False)
+    t.set_defaults(func=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

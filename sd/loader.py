@@ -1,0 +1,134 @@
+"""Build the models of a ModelSpec and load a checkpoint's tensors into them, with strict key accounting.
+
+Every tensor in the file ends up in exactly one bucket: loaded into a model, ignored under a named rule
+(`sd.checkpoint.IGNORE_RULES`), or belonging to a part the engine does not run yet (`ModelSpec.unsupported`).
+Anything else, and anything a model expects but the file lacks, is a `CheckpointError` naming the keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, CheckpointError, ignore_reason
+from .config import ModelSpec
+from .detect import UNET, UNSUPPORTED_PARTS, VAE
+from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+
+@dataclass
+class KeyReport:
+    """Where each tensor of a file goes."""
+
+    loaded: dict[str, list[str]] = field(default_factory=dict)      # component -> keys
+    ignored: dict[str, str] = field(default_factory=dict)           # key -> rule
+    unsupported: list[str] = field(default_factory=list)            # keys of parts not run yet
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    """component -> {full checkpoint key: shape}, computed on the meta device (no memory)."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    unet = UNetModel(spec.unet, device="meta")
+    out["unet"] = {UNET + k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    if spec.vae is not None:
+        vae = AutoencoderKL(spec.vae, device="meta")
+        out["vae"] = {VAE + k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    for i, cfg in enumerate(spec.text_encoders):
+        out[f"text{i}"] = {cfg.prefix + k: tuple(s) for k, s in text_expected_keys(cfg).items()}
+    return out
+
+
+def _abbreviate(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def account_keys(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> KeyReport:
+    """Sort every key of the file (see module docstring); fills missing/unexpected instead of raising."""
+    rep = KeyReport()
+    expected = expected_tensors(spec)
+    owner = {k: comp for comp, keys in expected.items() for k in keys}
+    for comp, keys in expected.items():
+        rep.loaded[comp] = []
+        for k, shape in keys.items():
+            if k not in shapes:
+                rep.missing.append(k)
+            elif tuple(shapes[k]) != tuple(shape):
+                rep.shape_mismatch.append(f"{k} {list(shapes[k])} != {list(shape)}")
+            else:
+                rep.loaded[comp].append(k)
+    unsupported_prefixes = tuple(UNSUPPORTED_PARTS)
+    for k in shapes:
+        if k in owner:
+            continue
+        why = ignore_reason(k)
+        if why:
+            rep.ignored[k] = why
+        elif k.startswith(unsupported_prefixes):
+            rep.unsupported.append(k)
+        else:
+            rep.unexpected.append(k)
+    return rep
+
+
+def check_report(rep: KeyReport, name: str) -> None:
+    """Raise one CheckpointError naming what is missing, unexpected or of the wrong shape."""
+    problems = []
+    if rep.missing:
+        problems.append(f"missing {len(rep.missing)} tensors: {_abbreviate(sorted(rep.missing))}")
+    if rep.shape_mismatch:
+        problems.append(f"wrong shapes: {_abbreviate(rep.shape_mismatch)}")
+    if rep.unexpected:
+        problems.append(f"unexpected {len(rep.unexpected)} tensors: {_abbreviate(sorted(rep.unexpected))}")
+    if problems:
+        raise CheckpointError(f"{name}: " + "; ".join(problems) + " (the file is damaged or mixes different models)")
+
+
+@dataclass
+class Components:
+    unet: UNetModel
+    vae: AutoencoderKL | None
+    text_encoders: list[nn.Module]
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device, dtype) -> nn.Module:
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what}: {str(e).splitlines()[0][:300]}") from None
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> Components:
+    """Build every model of `spec` on the meta device and load the file's tensors into it (strict)."""
+    rep = account_keys(ckpt.shapes(), spec)
+    check_report(rep, ckpt.path.name)
+    unet = _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", device, dtype)
+    vae = None
+    if spec.vae is not None:
+        vae_tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
+        vae = _load(AutoencoderKL(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
+    texts = []
+    for cfg in spec.text_encoders:
+        enc = build_text_encoder(cfg, device="meta")
+        load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
+        texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
+    return Components(unet, vae, texts)
+
+
+@torch.no_grad()
+def probe_is_v(unet: UNetModel) -> bool:
+    """AUTOMATIC1111's v-prediction test for SD2 layouts: on a constant input at t=999, a v model's output sits
+    far below the input (eps models return roughly the noise, near the input)."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 2, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    t = torch.tensor([999.0], device=p.device)
+    out = unet(x, t, context=ctx)
+    return (out.float() - x.float()).mean().item() < -1

@@ -1,0 +1,275 @@
+"""Loaded checkpoints and `generate(model, params) -> images`: the one entry point of the CLI and every app tab.
+
+`load_model` opens a file, detects it, builds and loads its models; `ModelCache` keeps several loaded at once
+(keyed by file, device and dtype, least recently used evicted past a memory budget, safe across threads);
+`generate` runs text conditioning -> classifier-free-guided sampler -> VAE decode with the conventions pinned in
+README.md (CPU noise from the seed, fractional timesteps, 8-bit rounding).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import CheckpointError, open_checkpoint
+from .conditioning import SDXLSizes, encode_conditions
+from .config import ModelSpec
+from .denoiser import discrete_sigmas, make_denoiser
+from .detect import detect
+from .guidance import cfg_denoiser
+from .loader import Components, load_components, probe_is_v
+from .samplers import sample
+from .schedules import get_sigmas
+
+Tensor = torch.Tensor
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of float32, float16, bfloat16")
+    return DTYPES[name]
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to sample: its spec, its models on one device/dtype, its training sigmas."""
+
+    path: Path
+    spec: ModelSpec
+    parts: Components
+    sigmas: Tensor          # (1000,) training sigmas, float32, CPU
+    device: torch.device
+    dtype: torch.dtype
+    _hash: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def short_hash(self) -> str:
+        """First 10 hex digits of the file's sha256 (A1111's "Model hash")."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()[:10]
+        return self._hash
+
+    def nbytes(self) -> int:
+        mods = [self.parts.unet, self.parts.vae, *self.parts.text_encoders]
+        return sum(p.numel() * p.element_size() for m in mods if m is not None for p in m.parameters())
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
+               prediction: str | None = None) -> LoadedModel:
+    """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason."""
+    ckpt = open_checkpoint(path)
+    spec = detect(ckpt.shapes(), prediction=prediction)
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    parts = load_components(ckpt, spec, device=device, dtype=dtype)
+    if spec.prediction_source == "probe":
+        is_v = probe_is_v(parts.unet)
+        spec = replace(spec, prediction="v" if is_v else "eps",
+                       prediction_source=f"A1111 probe on the UNet ({'v' if is_v else 'eps'}-like output at t=999)")
+    return LoadedModel(Path(path), spec, parts, discrete_sigmas(), device, dtype)
+
+
+@dataclass
+class GenerateParams:
+    """Everything one generation request says. Sizes in pixels; SDXL sizes are (height, width)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg: float = 7.0
+    seed: int = 0
+    sampler: str = "euler"
+    schedule: str = "normal"
+    batch_size: int = 1
+    clip_skip: int = 1
+    eta: float | None = None
+    guidance_rescale: float = 0.0
+    sdxl_original_size: tuple[int, int] | None = None   # default (height, width)
+    sdxl_crop: tuple[int, int] = (0, 0)                 # (top, left)
+    sdxl_target_size: tuple[int, int] | None = None     # default (height, width)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    init_image: Image.Image | None = None               # img2img source (resized to width x height)
+    strength: float = 0.75                              # img2img denoising strength
+    initial_latent: Tensor | None = None                # advanced: use this noise (B, C, h, w) instead of the seed's
+
+
+@dataclass
+class GenerateResult:
+    images: list[Image.Image]
+    latents: Tensor                 # (B, C, h, w) final latent, diffusion scale
+    seed: int
+    spec: ModelSpec
+    stopped: bool = False
+    steps_done: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def default_size(spec: ModelSpec, is_demo: bool = False) -> int:
+    """The side length a family was trained at (demo 64; SD1/SD2-eps 512; SD2-v 768; SDXL 1024)."""
+    if is_demo:
+        return 64
+    if spec.family.startswith("sdxl"):
+        return 1024
+    if spec.family.startswith("sd2") and spec.prediction == "v" and "x4" not in spec.family:
+        return 768
+    return 512
+
+
+def check_params(spec: ModelSpec, p: GenerateParams) -> None:
+    """Refuse impossible requests with a message saying what to change."""
+    f = spec.latent.factor
+    if p.width % f or p.height % f or p.width < f * 2 or p.height < f * 2:
+        raise ValueError(f"width and height must be multiples of {f} and at least {2 * f} pixels; got {p.width}x{p.height}")
+    if p.width * p.height > 4096 * 4096:
+        raise ValueError(f"{p.width}x{p.height} is too large (at most 4096x4096 pixels)")
+    if not 1 <= p.steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {p.steps}")
+    if not 1 <= p.batch_size <= 64:
+        raise ValueError(f"batch size must be between 1 and 64, got {p.batch_size}")
+    if spec.vae is None:
+        raise ValueError("this checkpoint has no VAE (first_stage_model.*); use a full checkpoint")
+    if spec.unet.in_channels != spec.latent.channels:
+        raise ValueError(f"{spec.family}: {spec.unsupported[-1] if spec.unsupported else 'this variant is not supported yet'}")
+
+
+def _unet_net(unet) -> Callable[..., Tensor]:
+    """The UNet as net(x_in, t, **cond) for sd.denoiser.make_denoiser."""
+
+    def net(x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        return unet(x, t, context=context, y=y)
+
+    return net
+
+
+def encode_image(model: LoadedModel, image: Image.Image, width: int, height: int) -> Tensor:
+    """PIL image -> diffusion-scale latent (1, C, h, w): resize, [-1, 1], VAE mean, (z - shift) * scale."""
+    img = image.convert("RGB").resize((width, height), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    z = model.parts.vae.encode(x.to(model.device, model.dtype)).float()
+    return (z - model.spec.latent.shift) * model.spec.latent.scale
+
+
+def decode_latents(model: LoadedModel, latents: Tensor) -> list[Image.Image]:
+    """Diffusion-scale latents (B, C, h, w) -> 8-bit PIL images: round(clamp((x + 1) / 2, 0, 1) * 255)."""
+    z = latents.float() / model.spec.latent.scale + model.spec.latent.shift
+    with torch.no_grad():
+        x = model.parts.vae.decode(z.to(model.device, model.dtype)).float().cpu()  # (B, 3, H, W)
+    arr = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
+    """The pinned convention: float32 CPU normal noise from a generator seeded with `seed`."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
+             stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
+    """Text (and optionally image) to images with one loaded checkpoint."""
+    spec = model.spec
+    check_params(spec, p)
+    sizes = SDXLSizes(original=p.sdxl_original_size or (p.height, p.width), crop=tuple(p.sdxl_crop),
+                      target=p.sdxl_target_size or (p.height, p.width), aesthetic=p.aesthetic_score,
+                      negative_aesthetic=p.negative_aesthetic_score)
+    cond, uncond = encode_conditions(model.parts.text_encoders, spec, p.prompt, p.negative_prompt, p.batch_size,
+                                     sizes=sizes, clip_skip=p.clip_skip)
+    sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)  # (steps + 1,)
+    shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
+    noise = p.initial_latent.float() if p.initial_latent is not None else initial_noise(p.seed, shape)
+    if p.init_image is not None:
+        from .samplers import img2img_start
+
+        sigmas = img2img_start(sigmas, p.strength)
+        z0 = encode_image(model, p.init_image, p.width, p.height).expand(shape)
+        x = z0 + noise * sigmas[0]
+    else:
+        x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    x = x.to(model.device, model.dtype)
+    den = make_denoiser(_unet_net(model.parts.unet), spec.prediction, model.sigmas)
+    guided = cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+    done = {"n": 0}
+
+    def on_step(info: dict) -> None:
+        done["n"] = info["step"] + 1
+        if callback is not None:
+            callback(info)
+
+    gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)  # per-step noise of ancestral samplers
+    latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
+                     eta=p.eta)
+    stopped = done["n"] < len(sigmas) - 1
+    images = decode_latents(model, latents)
+    return GenerateResult(images, latents.float().cpu(), p.seed, spec, stopped=stopped, steps_done=done["n"])
+
+
+class ModelCache:
+    """Loaded checkpoints shared by every tab: keyed by (file, device, dtype, prediction override), least recently
+    used evicted once the total parameter bytes pass `budget_bytes`; one lock per key so two requests for the same
+    file load it once, and requests for different files load in parallel."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        env = os.environ.get("SD_MODEL_CACHE_GB")
+        self.budget = budget_bytes if budget_bytes is not None else int(float(env or 8) * 2**30)
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+
+    def get(self, path: str | os.PathLike, device="cpu", dtype: str | torch.dtype = torch.float32,
+            prediction: str | None = None) -> LoadedModel:
+        key = (str(Path(path).resolve()), str(torch.device(device)), parse_dtype(dtype), prediction)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = load_model(path, device=device, dtype=dtype, prediction=prediction)
+            with self._lock:
+                self._models[key] = model
+                self._evict(keep=key)
+            return model
+
+    def _evict(self, keep: tuple) -> None:
+        while len(self._models) > 1 and sum(m.nbytes() for m in self._models.values()) > self.budget:
+            oldest = next(k for k in self._models if k != keep)
+            del self._models[oldest]
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k in self._models]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+__all__ = ["CheckpointError", "GenerateParams", "GenerateResult", "LoadedModel", "ModelCache", "generate",
+           "load_model", "decode_latents", "encode_image", "initial_noise"]

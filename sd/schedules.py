@@ -1,0 +1,169 @@
+"""Noise schedules: pure functions that turn a model's training sigmas into the sigmas a sampler visits.
+
+Every schedule returns a float32 CPU tensor of `steps + 1` sigmas, strictly decreasing, ending in 0.
+The names are the ones AUTOMATIC1111 and ComfyUI users know ("Karras", "Exponential", "SGM Uniform", ...).
+
+`model_sigmas` is the (T,) increasing tensor of training sigmas of a discrete model
+(`sd.denoiser.discrete_sigmas()`, T = 1000); sigma <-> fractional timestep conversions go through
+`sd.denoiser.sigma_to_t` / `t_to_sigma` (linear in log-sigma, as k-diffusion's CompVisDenoiser).
+Flow-matching models (SD3) use `flow_sigmas` instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .denoiser import flow_sigma, t_to_sigma
+
+Tensor = torch.Tensor
+
+
+def _finish(sigmas: Tensor) -> Tensor:
+    """(steps,) decreasing sigmas -> (steps + 1,) float32 CPU tensor with a final 0."""
+    sigmas = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _check_steps(steps: int) -> int:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+def normal_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"Normal" (A1111 "Uniform"/"Normal", k-diffusion `get_sigmas`): timesteps uniform from T-1 to 0,
+    sigma interpolated in log-sigma: `t_to_sigma(linspace(T-1, 0, steps))`, then 0."""
+    steps = _check_steps(steps)
+    t = torch.linspace(model_sigmas.shape[0] - 1, 0, steps, dtype=torch.float64)  # (steps,)
+    return _finish(t_to_sigma(t, model_sigmas))
+
+
+def sgm_uniform_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"SGM Uniform" (ComfyUI `sgm_uniform`, the SGM/SDXL discretization): `steps + 1` uniform timesteps
+    from T-1 to 0 with the last one dropped, so the final nonzero sigma is above sigma_min; then 0."""
+    steps = _check_steps(steps)
+    t = torch.linspace(model_sigmas.shape[0] - 1, 0, steps + 1, dtype=torch.float64)[:-1]  # (steps,)
+    return _finish(t_to_sigma(t, model_sigmas))
+
+
+def karras_sigmas(model_sigmas: Tensor, steps: int, rho: float = 7.0) -> Tensor:
+    """"Karras": Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models",
+    eq. 5), `(smax^(1/rho) + i/(n-1) * (smin^(1/rho) - smax^(1/rho)))^rho`, rho 7, sigma_min/max the model's."""
+    steps = _check_steps(steps)
+    smin, smax = float(model_sigmas[0]), float(model_sigmas[-1])
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)  # (steps,)
+    lo, hi = smin ** (1 / rho), smax ** (1 / rho)
+    return _finish((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"Exponential" (k-diffusion `get_sigmas_exponential`): uniform in log-sigma from sigma_max to sigma_min."""
+    steps = _check_steps(steps)
+    smin, smax = float(model_sigmas[0]), float(model_sigmas[-1])
+    return _finish(torch.linspace(math.log(smax), math.log(smin), steps, dtype=torch.float64).exp())
+
+
+def simple_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"Simple" (ComfyUI `simple_scheduler`): every (T/steps)-th training sigma from the top,
+    `model_sigmas[-(1 + int(i * T / steps))]` for i in 0..steps-1, then 0."""
+    steps = _check_steps(steps)
+    T = model_sigmas.shape[0]
+    if steps > T:
+        raise ValueError(f"simple schedule: steps ({steps}) must not exceed the {T} training timesteps")
+    idx = [T - 1 - int(i * T / steps) for i in range(steps)]
+    return _finish(model_sigmas[idx])
+
+
+def ddim_uniform_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"DDIM" uniform (CompVis `make_ddim_timesteps(..., "uniform")`, diffusers DDIM "leading" spacing with
+    steps_offset 1): training timesteps `i * (T // steps) + 1` for i in 0..steps-1, highest first, then 0.
+
+    CompVis builds `range(0, T, T // steps)`, which has more than `steps` entries when steps does not
+    divide T; here exactly `steps` timesteps are kept (the diffusers convention)."""
+    steps = _check_steps(steps)
+    T = model_sigmas.shape[0]
+    if steps >= T:
+        raise ValueError(f"ddim_uniform schedule: steps ({steps}) must be below the {T} training timesteps")
+    c = T // steps
+    idx = (torch.arange(steps) * c + 1).flip(0)  # (steps,) decreasing timesteps
+    return _finish(model_sigmas[idx])
+
+
+def _beta_cdf_grid(a: float, b: float, n: int = 200_001) -> tuple[np.ndarray, np.ndarray]:
+    """Regularized incomplete beta I_x(a, b) on a grid, by the substitution x = sin^2(theta).
+
+    With x = sin^2(theta), x^(a-1) (1-x)^(b-1) dx = 2 sin^(2a-1)(theta) cos^(2b-1)(theta) dtheta, which is
+    bounded for a, b >= 1/2 (the integrable end singularities of a, b < 1 disappear); integrated with
+    the trapezoid rule in float64. Returns (x grid, cdf grid), both increasing from 0 to 1.
+    """
+    theta = np.linspace(0.0, np.pi / 2, n)
+    with np.errstate(divide="ignore"):
+        f = 2 * np.sin(theta) ** (2 * a - 1) * np.cos(theta) ** (2 * b - 1)
+    if not np.isfinite(f[0]):
+        f[0] = f[1]  # a < 1/2: an integrable spike at 0; its trapezoid share is negligible at this grid size
+    if not np.isfinite(f[-1]):
+        f[-1] = f[-2]
+    cdf = np.concatenate([[0.0], np.cumsum((f[1:] + f[:-1]) / 2 * np.diff(theta))])
+    return np.sin(theta) ** 2, cdf / cdf[-1]
+
+
+def beta_ppf(q: Tensor | np.ndarray | list[float], a: float, b: float) -> np.ndarray:
+    """Quantile function (inverse CDF) of the Beta(a, b) distribution, float64, accurate to about 1e-7
+    for a, b >= 1/2 (no scipy needed)."""
+    x, cdf = _beta_cdf_grid(a, b)
+    return np.interp(np.asarray(q, dtype=np.float64), cdf, x)
+
+
+def beta_sigmas(model_sigmas: Tensor, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """"Beta": Lee et al. 2024, "Beta Sampling is All You Need" (ComfyUI `beta_scheduler`): timesteps at the
+    Beta(alpha, beta) quantiles `(T-1) * ppf(1 - i/steps)`, i in 0..steps-1, alpha = beta = 0.6.
+
+    ComfyUI rounds these timesteps to integers and drops duplicates (so it can return fewer steps at high
+    step counts); here the fractional timestep is kept (`t_to_sigma`), which gives exactly `steps`
+    distinct sigmas and the same values where the quantile is an integer.
+    """
+    steps = _check_steps(steps)
+    q = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)  # (steps,) from 1 down to 1/steps
+    t = torch.from_numpy(beta_ppf(q, alpha, beta) * (model_sigmas.shape[0] - 1))
+    return _finish(t_to_sigma(t, model_sigmas))
+
+
+SCHEDULES: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "normal": normal_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "sgm_uniform": sgm_uniform_sigmas,
+    "simple": simple_sigmas,
+    "ddim_uniform": ddim_uniform_sigmas,
+    "beta": beta_sigmas,
+}
+
+# How A1111 spells them ("Schedule type" field of the infotext, and the suffix of old sampler names).
+SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+}
+
+
+def get_sigmas(schedule: str, model_sigmas: Tensor, steps: int) -> Tensor:
+    """Sigmas of the named schedule: (steps + 1,) float32 CPU, decreasing, ending in 0."""
+    fn = SCHEDULES.get(schedule)
+    if fn is None:
+        raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    return fn(model_sigmas.detach().to("cpu", torch.float32), steps)
+
+
+def flow_sigmas(steps: int, shift: float = 3.0) -> Tensor:
+    """Rectified-flow sigmas for SD3/3.5 (the SD3 reference `sd3_impls.py` schedule): timesteps uniform from
+    1000 down to 1 (of 1000), shifted with `sd.denoiser.flow_sigma(t, shift)`, then 0. The first sigma is 1."""
+    steps = _check_steps(steps)
+    t = torch.linspace(1.0, 1.0 / 1000, steps, dtype=torch.float64)  # (steps,) in (0, 1]
+    return _finish(flow_sigma(t, shift))

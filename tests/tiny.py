@@ -1,0 +1,92 @@
+"""Tiny random checkpoints in the exact key layout of the released files, for tests and the app's test fixtures.
+
+`tiny_state_dict(name)` takes the spec detected from `../shared/reference/checkpoint-keys/<name>.json`, keeps its
+structure (levels, blocks, depths, layers: so every key name is the released one) and shrinks the widths
+(UNet 32/64 channels, text towers 64 wide, VAE 32). Extra tensors the released file carries (schedule buffers,
+position_ids, the SGM sigma table) are added too, so the key set equals the reference list.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sd.checkpoint import ignore_reason
+from sd.config import ModelSpec
+from sd.detect import SDXL_FOURIER, detect
+from sd.loader import expected_tensors
+
+REFERENCE_DIR = Path(os.environ.get("SD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys"))
+TEXT_WIDTH = 64
+
+
+def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    ref = json.loads((REFERENCE_DIR / f"{name}.json").read_text())
+    return {k: tuple(v) for k, v in ref["tensors"].items()}
+
+
+def tiny_spec(name: str) -> ModelSpec:
+    """The released spec of `name` with every width shrunk and the structure kept."""
+    spec = detect(reference_shapes(name))
+    texts = tuple(replace(t, width=TEXT_WIDTH, heads=1, mlp=2 * TEXT_WIDTH,
+                          projection_dim=TEXT_WIDTH if t.projection_dim else 0) for t in spec.text_encoders)
+    u = spec.unet
+    mc = 32 if u.num_head_channels < 0 else 64
+    ctx = sum(t.width for t in texts)
+    if spec.family == "sdxl-refiner":
+        ctx = texts[0].width
+    adm = 0
+    if u.adm_in_channels:
+        n = 6 if spec.family.startswith("sdxl-base") or spec.family == "sdxl-inpaint" else 5
+        adm = TEXT_WIDTH + n * SDXL_FOURIER if spec.family.startswith("sdxl") else 2 * TEXT_WIDTH
+    unet = replace(u, model_channels=mc, context_dim=ctx, adm_in_channels=adm)
+    vae = replace(spec.vae, ch=32) if spec.vae else None
+    return replace(spec, unet=unet, vae=vae, text_encoders=texts)
+
+
+def _random_like(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1 and any(s in key for s in ("norm", "ln_", "layer_norm")) and key.endswith("weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) <= 1:
+        return 0.05 * torch.randn(shape, generator=g)
+    if "embedding" in key:
+        return 0.5 * torch.randn(shape, generator=g)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=g) / math.sqrt(fan_in)
+
+
+def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for the tiny version of reference layout `name`, plus the file's extra buffers."""
+    spec = tiny_spec(name)
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for comp in expected_tensors(spec).values():
+        for k, shape in comp.items():
+            sd[k] = _random_like(k, shape, g)
+    for k, shape in reference_shapes(name).items():
+        if k in sd or ignore_reason(k) is None:
+            continue
+        if k.endswith("position_ids"):
+            sd[k] = torch.arange(shape[-1])[None]
+        elif k.startswith("loss.") or k.startswith("first_stage_model.loss"):
+            continue
+        else:
+            sd[k] = torch.zeros(shape)
+    return sd
+
+
+def write_tiny(name: str, path: Path, seed: int = 0) -> Path:
+    """Write the tiny checkpoint as .safetensors or .ckpt (by the suffix of `path`)."""
+    sd = tiny_state_dict(name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save({"state_dict": sd, "global_step": 0}, path)
+    return path

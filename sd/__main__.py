@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the built-in demo model (see sd/demo/README.md)", add_help=False)
     t.set_defaults(func=None)
+    d = sub.add_parser("download", help="download an official single-file checkpoint (needs a reachable hub)", add_help=False)
+    d.set_defaults(func=None)
     return ap
 
 
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["download"]:
+        from .download import main as download_main
+
+        return download_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -170,7 +170,8 @@ def describe_contents(shapes: Shapes) -> str:
     counts: dict[str, int] = {}
     for k in shapes:
         parts = k.split(".")
-        head = ".".join(parts[:2]) if parts[0] in ("model", "conditioner", "cond_stage_model") and len(parts) > 2 else parts[0]
+        depth = 3 if parts[0] in ("model", "conditioner", "cond_stage_model") else 2
+        head = ".".join(parts[: min(depth, len(parts) - 1)]) or k
         counts[head] = counts.get(head, 0) + 1
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
     return ", ".join(f"{k} ({n})" for k, n in top) + (" ..." if len(counts) > 8 else "")

@@ -49,9 +49,22 @@ def _abbreviate(keys: list[str], limit: int = 6) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _with_hf_text_level(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Older SD1 files name CLIP-L keys without the `text_model.` level; account for them under the released name."""
+    out = dict(shapes)
+    for cfg in spec.text_encoders:
+        if cfg.naming != "hf" or cfg.prefix + "text_model.embeddings.token_embedding.weight" in shapes:
+            continue
+        for k in list(out):
+            if k.startswith(cfg.prefix) and not k.startswith(cfg.prefix + "text_projection"):
+                out[cfg.prefix + "text_model." + k[len(cfg.prefix):]] = out.pop(k)
+    return out
+
+
 def account_keys(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> KeyReport:
     """Sort every key of the file (see module docstring); fills missing/unexpected instead of raising."""
     rep = KeyReport()
+    shapes = _with_hf_text_level(shapes, spec)
     expected = expected_tensors(spec)
     owner = {k: comp for comp, keys in expected.items() for k in keys}
     for comp, keys in expected.items():

@@ -98,3 +98,14 @@ def test_inpaint_variants_detected_by_input_channels() -> None:
     xl = {k: tuple(v) for k, v in load_ref("sdxl_base")["tensors"].items()}
     xl["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     assert detect(xl).family == "sdxl-inpaint"
+
+
+def test_old_clip_names_without_text_model_level() -> None:
+    """Older SD1 files drop the `text_model.` level of CLIP-L names; they detect and account the same."""
+    shapes = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): tuple(v)
+              for k, v in load_ref("sd1")["tensors"].items()}
+    spec = detect(shapes)
+    assert spec.family == "sd1" and spec.text_encoders[0].layers == 12
+    rep = account_keys(shapes, spec)
+    assert rep.missing == [] and rep.unexpected == [] and rep.shape_mismatch == []
+    assert len(rep.loaded["text0"]) == 196  # every CLIP-L weight (position_ids is ignored by rule)

@@ -29,7 +29,10 @@ def ldm_yaml(spec) -> dict:
         "attention_resolutions": [2**i for i, d in enumerate(u.transformer_depth) if d],
         "num_res_blocks": u.num_res_blocks, "channel_mult": list(u.channel_mult),
         "use_linear_in_transformer": u.use_linear_in_transformer,
-        "transformer_depth": list(u.transformer_depth), "context_dim": u.context_dim,
+        # the yaml's int form when every attention level (and the middle) has the same depth, else SGM's list
+        "transformer_depth": (u.transformer_depth_middle if set(u.transformer_depth) - {0} == {u.transformer_depth_middle}
+                              else list(u.transformer_depth)),
+        "context_dim": u.context_dim,
     }
     if u.num_head_channels > 0:
         unet["num_head_channels"] = u.num_head_channels
@@ -56,18 +59,24 @@ def diffusers_parts(path, spec):
     vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)
     texts = []
     for t in spec.text_encoders:
+        # diffusers builds SD2's OpenCLIP-H without its last block (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) and uses the
+        # final hidden state; that equals our penultimate layer + final LN.
+        sd2_style = t.naming == "openclip" and t.final_ln
         cfg = CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp,
-                             num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                             num_hidden_layers=t.layers - sd2_style, num_attention_heads=t.heads,
                              max_position_embeddings=t.context_length, hidden_act=t.act,
                              projection_dim=t.projection_dim or t.width)
         if t.naming == "hf":
             model = CLIPTextModel(cfg)
             sd = sfu.convert_ldm_clip_checkpoint(ckpt, remove_prefix=t.prefix)
+            if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5 naming
+                sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
         else:
             model = CLIPTextModelWithProjection(cfg)
             sd = sfu.convert_open_clip_checkpoint(model, ckpt, prefix=t.prefix)
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        assert [k for k in missing if "position_ids" not in k] == [] and unexpected == []
+        unused = ("position_ids", "text_projection") if sd2_style else ("position_ids",)  # SD2 uses no projection
+        assert [k for k in missing + unexpected if not any(u in k for u in unused)] == []
         texts.append(model.eval())
     return unet.eval(), vae.eval(), texts
 
@@ -78,9 +87,10 @@ def diffusers_text(texts, spec, prompt):
     for model, t in zip(texts, spec.text_encoders):
         tokens, _ = tokenize_weighted(prompt, t.pad_token)
         out = model(tokens, output_hidden_states=True)
-        h = out.hidden_states[-1 if t.layer == "last" else -2]
+        sd2_style = t.naming == "openclip" and t.final_ln
+        h = out.hidden_states[-1 if t.layer == "last" or sd2_style else -2]
         if t.final_ln:
-            h = model.text_model.final_layer_norm(h)
+            h = getattr(model, "text_model", model).final_layer_norm(h)
         hidden.append(h)
         if t.output_pooled:
             pooled = out.text_embeds
@@ -91,13 +101,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl_base"])
+@pytest.mark.parametrize("name,prediction", [("sd1", "eps"), ("sd2_768_v", "v"), ("sdxl_base", "eps")])
 @torch.no_grad()
-def test_euler_cfg_generation_matches_diffusers(tiny_files, name: str) -> None:
+def test_euler_cfg_generation_matches_diffusers(tiny_files, name: str, prediction: str) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = tiny_files(name)
-    model = load_model(path, prediction="eps")
+    model = load_model(path, prediction=prediction)
     spec = model.spec
     unet, vae, texts = diffusers_parts(path, spec)
     prompt, negative = "a small red circle (on a blue:1.0) background", "blurry"
@@ -107,8 +117,11 @@ def test_euler_cfg_generation_matches_diffusers(tiny_files, name: str) -> None:
     shape = (1, 4, h // 8, w // 8)
     noise = initial_noise(seed, shape)
     sigmas = get_sigmas("normal", model.sigmas, steps)
+    # Custom sigmas make timestep_spacing irrelevant for the schedule; "leading" makes diffusers scale the initial
+    # latent by sqrt(1 + sigma_0^2), our pinned convention ("linspace" would scale by sigma_0 alone).
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   timestep_spacing="linspace", prediction_type="epsilon")
+                                   timestep_spacing="leading",
+                                   prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
     common = dict(guidance_scale=cfg, latents=noise.clone(), sigmas=sigmas.tolist(), output_type="latent",
                   height=h, width=w, prompt_embeds=ctx, negative_prompt_embeds=nctx)
     if name == "sdxl_base":

@@ -1,0 +1,167 @@
+"""Finding checkpoints: scan a models folder and sort each file into the app tab of its detected family.
+
+The folder is `--models-dir`, else the environment variable `SD_MODELS_DIR`, else `./models`. Existing installs
+work as they are: when the folder holds AUTOMATIC1111's `Stable-diffusion/` or ComfyUI's `checkpoints/` (or is
+the root above `models/`), those are scanned (recursively) together with the files directly in the folder;
+otherwise the whole folder is scanned recursively.
+
+`.safetensors` files are detected from their header only (`sd.checkpoint.open_checkpoint` + `sd.detect.detect`),
+and the result is cached by (path, size, mtime), so a rescan of 50 unchanged files reads nothing. `.ckpt` files
+are pickles whose shapes can only be known by opening the whole archive, so a scan lists them as "not detected
+yet" (the app shows them in every runnable tab, marked `.ckpt`); `ModelIndex.detect(path)` detects one when it
+is selected, and from then on the cache sorts it under its family like any other file.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import CheckpointError, open_checkpoint
+from .config import ModelSpec
+from .detect import detect
+
+SUFFIXES = (".safetensors", ".ckpt")
+# Sub-folders of known UIs that hold full checkpoints (A1111, ComfyUI; also when given the folder above models/).
+KNOWN_SUBFOLDERS = ("Stable-diffusion", "checkpoints", "models/Stable-diffusion", "models/checkpoints")
+
+# family -> app tab. Families that load but do not run yet go to "variants"; SD3 files to "sd3".
+TAB_OF_FAMILY = {
+    "sd1": "sd1", "sd2": "sd2", "sdxl-base": "sdxl", "sdxl-refiner": "sdxl",
+    "sd1-inpaint": "variants", "sd2-inpaint": "variants", "sd2-depth": "variants", "sd2-x4-upscaler": "variants",
+    "sd2-unclip-h": "variants", "sd2-unclip-l": "variants", "sdxl-inpaint": "variants", "sd3": "sd3",
+}
+
+
+def resolve_models_dir(arg: str | os.PathLike | None = None, env: dict | None = None) -> Path:
+    """--models-dir, else $SD_MODELS_DIR, else ./models."""
+    env = os.environ if env is None else env
+    return Path(arg or env.get("SD_MODELS_DIR") or "models")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One checkpoint file as the app lists it."""
+
+    path: Path
+    name: str                    # path relative to the models folder, with forward slashes (the dropdown value)
+    family: str | None           # detected family; None when not detected yet (.ckpt) or not recognised
+    spec: ModelSpec | None
+    error: str | None = None     # why the file is not usable (not a checkpoint, damaged, SD3 not implemented, ...)
+
+    @property
+    def detected(self) -> bool:
+        return self.family is not None or self.error is not None
+
+    @property
+    def tab(self) -> str | None:
+        """"sd1" / "sd2" / "sdxl" / "variants" / "sd3"; "unsorted" for an undetected .ckpt; None if unusable."""
+        if not self.detected:
+            return "unsorted"
+        return TAB_OF_FAMILY.get(self.family) if self.family else None
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    """Every .safetensors/.ckpt file the app should list, sorted by path (hidden files and folders skipped)."""
+    if not root.is_dir():
+        return []
+    subs = [root / s for s in KNOWN_SUBFOLDERS if (root / s).is_dir()]
+    found = [p for p in root.iterdir() if p.is_file()] if subs else []
+    for folder in subs or [root]:
+        found += [p for p in folder.rglob("*") if p.is_file()]
+    files = {p.resolve(): p for p in found
+             if p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    return sorted(files.values())
+
+
+def detect_file(path: Path) -> tuple[str | None, ModelSpec | None, str | None]:
+    """(family, spec, error) of one file from its tensor names and shapes (header only for .safetensors)."""
+    try:
+        spec = detect(open_checkpoint(path).shapes())
+    except CheckpointError as e:
+        msg = str(e)
+        if "SD3" in msg:
+            return "sd3", None, msg
+        return None, None, msg
+    except Exception as e:  # a malformed header must not take the listing down
+        return None, None, f"{path.name}: {type(e).__name__}: {e}"
+    return spec.family, spec, None
+
+
+class ModelIndex:
+    """The checkpoints of one models folder; detection results cached by (path, size, mtime). Thread-safe."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._cache: dict[str, tuple[int, int, Entry]] = {}
+        self._lock = threading.Lock()
+        self.header_reads = 0          # how many files were actually opened (tests check the cache with it)
+
+    def _stat_key(self, path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def _cached(self, path: Path) -> Entry | None:
+        size, mtime = self._stat_key(path)
+        with self._lock:
+            hit = self._cache.get(str(path.resolve()))
+        return hit[2] if hit and hit[:2] == (size, mtime) else None
+
+    def _name(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def detect(self, path: str | os.PathLike) -> Entry:
+        """Detect one file now (also a .ckpt), caching the result."""
+        path = Path(path)
+        hit = self._cached(path)
+        if hit is not None and hit.detected:
+            return hit
+        size, mtime = self._stat_key(path)
+        family, spec, error = detect_file(path)
+        entry = Entry(path, self._name(path), family, spec, error)
+        with self._lock:
+            self.header_reads += 1
+            self._cache[str(path.resolve())] = (size, mtime, entry)
+        return entry
+
+    def scan(self) -> list[Entry]:
+        """List the folder: safetensors detected (or taken from the cache), .ckpt left for `detect` unless cached."""
+        entries = []
+        for path in checkpoint_files(self.root):
+            hit = self._cached(path)
+            if hit is not None:
+                entries.append(hit)
+            elif path.suffix.lower() == ".safetensors":
+                entries.append(self.detect(path))
+            else:
+                entries.append(Entry(path, self._name(path), None, None, None))
+        return entries
+
+    def resolve(self, name: str) -> Path:
+        """A dropdown value or a bare file name / stem -> the file. Raises FileNotFoundError naming the folder."""
+        cand = self.root / name
+        if name and cand.is_file():
+            return cand
+        if name and Path(name).is_absolute() and Path(name).is_file():
+            return Path(name)
+        files = checkpoint_files(self.root)
+        matches = [p for p in files if name in (p.name, p.stem)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise FileNotFoundError(f"{name!r} matches several files in {self.root}: "
+                                    + ", ".join(self._name(p) for p in matches))
+        raise FileNotFoundError(f"no checkpoint {name!r} in {self.root.resolve()} (press the refresh button after "
+                                "adding files)")
+
+
+def by_tab(entries: list[Entry]) -> dict[str, list[Entry]]:
+    """tab -> entries; "unusable" collects files that are not recognised checkpoints."""
+    out: dict[str, list[Entry]] = {}
+    for e in entries:
+        out.setdefault(e.tab or "unusable", []).append(e)
+    return out

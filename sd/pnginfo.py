@@ -1,0 +1,242 @@
+"""AUTOMATIC1111's `parameters` text: build it for our PNGs, parse it back (also from A1111's own images).
+
+The format (A1111 `modules/infotext_utils.py`): the prompt (any number of lines), then an optional line starting
+`Negative prompt: `, then one line of `Key: value` pairs separated by `, ` such as
+`Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 0123456789,
+Model: v1-5-pruned-emaonly`. Values holding `,`, `:` or a newline are JSON-quoted. Sizes are `WIDTHxHEIGHT`.
+SDXL adds `SDXL original size`, `SDXL crop top`, `SDXL crop left`, `SDXL target size`; the refiner
+`Aesthetic score`, `Negative aesthetic score`, and the base -> refiner hand-off A1111's `Refiner: name [hash]`,
+`Refiner switch at`.
+
+Images are written by `save_png` with the text in a PNG `tEXt` chunk named `parameters`, to a fresh file name
+(`NNNNN-SEED.png`, created exclusively so two runs never overwrite one another).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .samplers import DISPLAY_NAMES, sampler_from_display
+from .schedules import SCHEDULE_DISPLAY_NAMES
+
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param_code
+RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+VERSION = "sd-playground"
+
+
+def quote(text) -> str:
+    """A1111's quote(): JSON-quote a value only when it holds `,`, `:` or a newline."""
+    text = str(text)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def num(v: float | int) -> str:
+    """7.0 -> "7", 0.85 -> "0.85" (A1111 writes CFG 7 as 7)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() else f"{v:g}"
+
+
+def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str, schedule: str, cfg: float,
+                     seed: int, width: int, height: int, model_name: str, model_hash: str | None,
+                     family: str = "sd1", denoising_strength: float | None = None, clip_skip: int = 1,
+                     sdxl_original_size: tuple[int, int] | None = None, sdxl_crop: tuple[int, int] = (0, 0),
+                     sdxl_target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
+                     negative_aesthetic_score: float | None = None, refiner: str | None = None,
+                     refiner_hash: str | None = None, refiner_switch_at: float | None = None,
+                     batch_size: int = 1, batch_pos: int = 0) -> str:
+    """The `parameters` text of one image. `sampler`/`schedule` are internal names (written as A1111 shows them);
+    SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`."""
+    fields: dict[str, str] = {
+        "Steps": str(int(steps)),
+        "Sampler": DISPLAY_NAMES.get(sampler, sampler),
+        "Schedule type": SCHEDULE_DISPLAY_NAMES.get(schedule, schedule),
+        "CFG scale": num(cfg),
+        "Seed": str(int(seed)),
+        "Size": f"{int(width)}x{int(height)}",
+    }
+    if model_hash:
+        fields["Model hash"] = model_hash
+    fields["Model"] = model_name
+    if batch_size > 1:
+        fields["Batch size"] = str(batch_size)
+        fields["Batch pos"] = str(batch_pos)
+    if denoising_strength is not None:
+        fields["Denoising strength"] = num(denoising_strength)
+    if clip_skip != 1:
+        fields["Clip skip"] = str(clip_skip)
+    if family.startswith("sdxl"):
+        oh, ow = sdxl_original_size or (height, width)
+        fields["SDXL original size"] = f"{int(ow)}x{int(oh)}"
+        fields["SDXL crop top"] = str(int(sdxl_crop[0]))
+        fields["SDXL crop left"] = str(int(sdxl_crop[1]))
+        if family != "sdxl-refiner":
+            th, tw = sdxl_target_size or (height, width)
+            fields["SDXL target size"] = f"{int(tw)}x{int(th)}"
+    if family == "sdxl-refiner" or refiner:
+        fields["Aesthetic score"] = num(6.0 if aesthetic_score is None else aesthetic_score)
+        fields["Negative aesthetic score"] = num(2.5 if negative_aesthetic_score is None else negative_aesthetic_score)
+    if refiner:
+        fields["Refiner"] = f"{refiner} [{refiner_hash}]" if refiner_hash else refiner
+        fields["Refiner switch at"] = num(refiner_switch_at if refiner_switch_at is not None else 0.8)
+    fields["Version"] = VERSION
+    text = prompt
+    if negative_prompt:
+        text += f"\nNegative prompt: {negative_prompt}"
+    return text + "\n" + ", ".join(f"{k}: {quote(v)}" for k, v in fields.items())
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A1111's parse_generation_parameters (without its option back-compat): raw strings by field name, with
+    "Prompt", "Negative prompt", and sizes split into "Size-1" (width) / "Size-2" (height)."""
+    res: dict[str, str] = {}
+    prompt, negative, in_negative = "", "", False
+    *lines, last = text.strip().split("\n")
+    if len(RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[16:].strip()
+        if in_negative:
+            negative += ("" if not negative else "\n") + line
+        else:
+            prompt += ("" if not prompt else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative
+    for k, v in RE_PARAM.findall(last):
+        v = unquote(v.strip())
+        m = RE_SIZE.match(v)
+        if m:
+            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            res[k] = v
+    return res
+
+
+def _schedule_from_display(label: str) -> str | None:
+    key = label.strip().lower()
+    for name, disp in SCHEDULE_DISPLAY_NAMES.items():
+        if key in (name, disp.lower()):
+            return name
+    return None  # "Automatic" and unknown labels: keep the tab's own schedule
+
+
+def to_settings(parsed: dict[str, str]) -> dict:
+    """Parsed fields -> typed settings named like GenerateParams (only the fields present; unknown samplers are
+    reported in "warnings" instead of raising)."""
+    s: dict = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", ""),
+               "warnings": []}
+    ints = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Batch size": "batch_size",
+            "Batch pos": "batch_pos", "SDXL crop top": "crop_top", "SDXL crop left": "crop_left"}
+    floats = {"CFG scale": "cfg", "Denoising strength": "strength", "Aesthetic score": "aesthetic_score",
+              "Negative aesthetic score": "negative_aesthetic_score", "Refiner switch at": "refiner_switch_at"}
+    for key, name in ints.items():
+        if key in parsed:
+            s[name] = int(float(parsed[key]))
+    for key, name in floats.items():
+        if key in parsed:
+            s[name] = float(parsed[key])
+    if "Size-1" in parsed:
+        s["width"], s["height"] = int(parsed["Size-1"]), int(parsed["Size-2"])
+    for key, name in (("SDXL original size", "sdxl_original_size"), ("SDXL target size", "sdxl_target_size")):
+        if f"{key}-1" in parsed:
+            s[name] = (int(parsed[f"{key}-2"]), int(parsed[f"{key}-1"]))  # (height, width)
+    if "crop_top" in s or "crop_left" in s:
+        s["sdxl_crop"] = (s.pop("crop_top", 0), s.pop("crop_left", 0))
+    if "Sampler" in parsed:
+        try:
+            s["sampler"], sched = sampler_from_display(parsed["Sampler"])
+            if sched:
+                s["schedule"] = sched
+        except ValueError:
+            s["warnings"].append(f"unknown sampler {parsed['Sampler']!r}")
+    if "Schedule type" in parsed and (sched := _schedule_from_display(parsed["Schedule type"])):
+        s["schedule"] = sched
+    for key, name in (("Model", "model"), ("Model hash", "model_hash")):
+        if key in parsed:
+            s[name] = parsed[key]
+    if "Refiner" in parsed:
+        m = re.match(r"^(.*?)(?:\s*\[([0-9a-fA-F]+)\])?$", parsed["Refiner"])
+        s["refiner"], s["refiner_hash"] = m.group(1), m.group(2)
+    return s
+
+
+def guess_tab(settings: dict) -> str:
+    """Which app tab the settings belong to when the checkpoint is not on disk: SDXL fields or a >= 1024 side
+    mean SDXL; 768 means SD 2 (768-v); otherwise SD 1.x."""
+    if any(k in settings for k in ("sdxl_original_size", "sdxl_target_size", "sdxl_crop", "refiner",
+                                   "aesthetic_score")):
+        return "sdxl"
+    side = max(settings.get("width", 512), settings.get("height", 512))
+    if side >= 1024:
+        return "sdxl"
+    if side == 768:
+        return "sd2"
+    return "sd1"
+
+
+def _exif_user_comment(img: Image.Image) -> str | None:
+    """A1111 stores the text of JPEG/WebP images in EXIF UserComment (piexif 'UNICODE' = UTF-16)."""
+    try:
+        raw = img.getexif().get_ifd(0x8769).get(0x9286)
+    except Exception:
+        return None
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        return raw
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        for enc in ("utf-16-be", "utf-16-le"):
+            try:
+                text = body.decode(enc)
+                if text.isprintable() or "\n" in text:
+                    return text
+            except UnicodeDecodeError:
+                continue
+    return body.decode("utf-8", errors="replace") if head.startswith(b"ASCII") else None
+
+
+def read_parameters(image: str | os.PathLike | Image.Image) -> str | None:
+    """The `parameters` text of an image file or PIL image (PNG chunk, or EXIF UserComment), or None."""
+    img = image if isinstance(image, Image.Image) else Image.open(image)
+    text = img.info.get("parameters")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return text or _exif_user_comment(img)
+
+
+def save_png(image: Image.Image, parameters: str, folder: str | os.PathLike, seed: int) -> Path:
+    """Save to folder/YYYY-MM-DD/NNNNN-SEED.png with the `parameters` chunk; never overwrites (exclusive create)."""
+    day = Path(folder) / time.strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in day.glob("*.png") if p.name[:5].isdigit()]
+    n = max(numbers, default=-1) + 1
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    while True:
+        path = day / f"{n:05d}-{seed}.png"
+        try:
+            with open(path, "xb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1

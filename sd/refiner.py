@@ -1,0 +1,87 @@
+"""SDXL base -> refiner hand-off (Podell et al. 2023, "SDXL", sec. 2.5: the refiner denoises the last steps).
+
+One sigma schedule (the SDXL discrete schedule, shared by both models, so the sigmas carry over) is split at
+`switch_at`: the base runs the first `round(steps * switch_at)` steps with its own conditioning (CLIP-L + bigG,
+size/crop/target vector), then the same latent continues with the refiner's conditioning (bigG, size/crop +
+aesthetic score) for the remaining steps, and the refiner's VAE decodes. The per-step noise of ancestral samplers
+comes from one generator (seed + 1) across both stages. `switch_at` 1 is the base alone; 0 is the refiner alone,
+which equals `generate(refiner, params)`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import torch
+
+from .conditioning import SDXLSizes, encode_conditions
+from .denoiser import make_denoiser
+from .guidance import cfg_denoiser
+from .pipeline import (GenerateParams, GenerateResult, LoadedModel, _unet_net, check_params, decode_latents,
+                       encode_image, initial_noise)
+from .samplers import _stopped, img2img_start, sample
+from .schedules import get_sigmas
+
+Tensor = torch.Tensor
+
+
+def switch_index(steps: int, switch_at: float) -> int:
+    """Number of steps the base runs: round(steps * switch_at), half up, within [0, steps]."""
+    if not 0.0 <= switch_at <= 1.0:
+        raise ValueError(f"switch_at must be in [0, 1], got {switch_at}")
+    return min(steps, max(0, int(math.floor(steps * switch_at + 0.5))))
+
+
+def _guided(model: LoadedModel, p: GenerateParams):
+    """The CFG-wrapped denoiser of one model with its own conditioning for the request."""
+    sizes = SDXLSizes(original=p.sdxl_original_size or (p.height, p.width), crop=tuple(p.sdxl_crop),
+                      target=p.sdxl_target_size or (p.height, p.width), aesthetic=p.aesthetic_score,
+                      negative_aesthetic=p.negative_aesthetic_score)
+    cond, uncond = encode_conditions(model.parts.text_encoders, model.spec, p.prompt, p.negative_prompt,
+                                     p.batch_size, sizes=sizes, clip_skip=p.clip_skip)
+    den = make_denoiser(_unet_net(model.parts.unet), model.spec.prediction, model.sigmas)
+    return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+
+
+@torch.no_grad()
+def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GenerateParams, switch_at: float = 0.8,
+                          callback: Callable[[dict], None] | None = None,
+                          stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
+    """Text (or image) to images with the base for the first part of the schedule and the refiner for the rest.
+    Callback infos carry `step`/`total` over the whole run and `model` ("base" or "refiner")."""
+    if not base.spec.family.startswith("sdxl") or refiner.spec.family != "sdxl-refiner":
+        raise ValueError(f"the refiner hand-off needs an SDXL base and an SDXL refiner, got {base.spec.family} "
+                         f"and {refiner.spec.family}")
+    check_params(base.spec, p)
+    check_params(refiner.spec, p)
+    sigmas = get_sigmas(p.schedule, base.sigmas, p.steps)  # (steps + 1,)
+    lat = base.spec.latent
+    shape = (p.batch_size, lat.channels, p.height // lat.factor, p.width // lat.factor)
+    noise = p.initial_latent.float() if p.initial_latent is not None else initial_noise(p.seed, shape)
+    if p.init_image is not None:
+        sigmas = img2img_start(sigmas, p.strength)
+        x = encode_image(base, p.init_image, p.width, p.height).expand(shape) + noise * sigmas[0]
+    else:
+        x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    total = len(sigmas) - 1
+    k = switch_index(total, switch_at)
+    gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)
+    done = {"n": 0}
+    last = base
+
+    for name, model, part, offset in (("base", base, sigmas[: k + 1], 0), ("refiner", refiner, sigmas[k:], k)):
+        if len(part) < 2 or done["n"] < offset or _stopped(stop):
+            continue
+
+        def on_step(info: dict, offset=offset, name=name) -> None:
+            done["n"] = offset + info["step"] + 1
+            if callback is not None:
+                callback({**info, "step": offset + info["step"], "total": total, "model": name})
+
+        x = sample(p.sampler, _guided(model, p), x.to(model.device, model.dtype), part.to(model.device),
+                   generator=gen, callback=on_step, stop=stop, eta=p.eta)
+        last = model
+    images = decode_latents(last, x)
+    return GenerateResult(images, x.float().cpu(), p.seed, base.spec, stopped=done["n"] < total,
+                          steps_done=done["n"], info={"switch_step": k, "refiner": refiner.name})

@@ -1,0 +1,215 @@
+"""Training for the built-in demo model: a KL autoencoder, then latent diffusion, saved as an SD 1.x file.
+
+    python -m sd train vae    --out .train/vae  [--steps N --batch B --lr LR]
+    python -m sd train unet   --vae .train/vae/vae.safetensors --out .train/unet [--steps N ...]
+    python -m sd train export --vae .train/vae/vae.safetensors --unet .train/unet --out sd/demo/shapes-sd1.safetensors
+
+Stage 1 (vae): AutoencoderKL on the procedural shapes (`sd.demo.data`), L1 reconstruction on a posterior
+sample + a small KL term (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models",
+without the perceptual and adversarial terms). Stage 2 (unet): latents of a fixed set of images are cached once;
+the UNet and a small CLIP-L-architecture text encoder are trained jointly with the LDM eps objective
+(Ho et al. 2020, "Denoising Diffusion Probabilistic Models") on the SD1 discrete schedule, with 10% caption
+dropout to the empty prompt for classifier-free guidance (Ho & Salimans 2022). Both stages: AdamW with linear
+warmup then cosine decay, an EMA of the weights, a checkpoint every `--save-every` steps that a rerun of the
+same command resumes from, and a progress line with loss and speed. Export writes the EMA weights under the
+released SD1 names (`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.transformer.text_model.`),
+with the VAE latent rescaled so that latent * 0.18215 has unit std.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import TextEncoderConfig, UNetConfig, VAEConfig
+from .demo import data
+
+SD1_SCALE = 0.18215
+# Demo architecture (small widths, SD1 structure). Changing these changes the shipped file's shapes.
+DEMO_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+DEMO_TEXT = TextEncoderConfig(naming="hf", prefix="cond_stage_model.transformer.", width=128, layers=2,
+                              heads=2, mlp=512, act="quick_gelu")
+DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                       transformer_depth_middle=1, context_dim=128, num_heads=8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces: schedule, EMA, progress, checkpoints
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 10% of `base` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+def ema_decay(step: int, target: float) -> float:
+    """Warmed-up EMA decay (short runs: early weights should not dominate): min(target, (1+s)/(10+s))."""
+    return min(target, (1 + step) / (10 + step))
+
+
+class Progress:
+    """One progress line: step/total, smoothed loss, steps/s, samples/s and ETA (carriage return on a tty)."""
+
+    def __init__(self, total: int, start: int, batch: int, every: int = 10):
+        self.total, self.step0, self.batch, self.every = total, start, batch, every
+        self.t0, self.loss = time.time(), None
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float) -> None:
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        done = step + 1
+        if done % self.every and done != self.total:
+            return
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = (done - self.step0) / dt
+        eta = (self.total - done) / max(rate, 1e-9)
+        bar = "#" * int(20 * done / self.total)
+        msg = (f"[{bar:<20}] {done}/{self.total} loss {self.loss:.4f} {rate:.2f} it/s "
+               f"{rate * self.batch:.0f} img/s elapsed {dt / 60:.1f} min eta {eta / 60:.1f} min")
+        print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        if self.tty and done == self.total:
+            print(file=sys.stderr)
+
+
+def save_state(path: Path, **state) -> None:
+    """Write a resumable checkpoint atomically (tmp file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict | None:
+    """The resumable checkpoint at `path`, or None when there is none."""
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def to_pixels(images: np.ndarray, device) -> torch.Tensor:
+    """(B, 64, 64, 3) uint8 -> (B, 3, 64, 64) float in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 1: the autoencoder
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over elements. mean, logvar: (B, 4, h, w)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+
+
+def train_vae(args) -> int:
+    """Stage 1: reconstruction (L1 on a posterior sample) + kl_weight * KL; EMA weights saved."""
+    from .vae import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    model = AutoencoderKL(DEMO_VAE, device=device).to(memory_format=torch.channels_last)  # faster CPU convs
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = 0
+    state = load_state(out / "state.pt")
+    if state is not None:
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+        print(f"resuming VAE training at step {start}", file=sys.stderr)
+    progress = Progress(args.steps, start, args.batch)
+    for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        images, _ = data.make_batch(step * args.batch, args.batch, seed=args.seed)
+        x = to_pixels(images, device).contiguous(memory_format=torch.channels_last)  # (B, 3, 64, 64)
+        mean, logvar = model.encode_moments(x)  # (B, 4, 8, 8) each
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        rec = model.decode(z)  # (B, 3, 64, 64)
+        loss = (rec - x).abs().mean() + args.kl_weight * kl_loss(mean, logvar)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, ema_decay(step, args.ema))
+        progress.update(step, loss.item())
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                       step=step + 1, rng=torch.get_rng_state())
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "vae.safetensors"))
+    print(f"saved {out / 'vae.safetensors'}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sd train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(sp, steps, batch, lr, warmup, ema, save_every):
+        sp.add_argument("--out", required=True, help="folder for the checkpoint (resumed if present) and outputs")
+        sp.add_argument("--steps", type=int, default=steps)
+        sp.add_argument("--batch", type=int, default=batch)
+        sp.add_argument("--lr", type=float, default=lr)
+        sp.add_argument("--warmup", type=int, default=warmup)
+        sp.add_argument("--ema", type=float, default=ema, help="EMA decay (warmed up)")
+        sp.add_argument("--save-every", type=int, default=save_every)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+
+    v = sub.add_parser("vae", help="stage 1: train the KL autoencoder")
+    common(v, steps=800, batch=8, lr=2e-3, warmup=40, ema=0.99, save_every=50)
+    v.add_argument("--kl-weight", type=float, default=1e-5)
+
+    u = sub.add_parser("unet", help="stage 2: train UNet + text encoder on cached latents")
+    common(u, steps=3000, batch=64, lr=1e-3, warmup=100, ema=0.995, save_every=100)
+    u.add_argument("--vae", required=True, help="vae.safetensors from stage 1")
+    u.add_argument("--images", type=int, default=12000, help="training images whose latents are cached")
+    u.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+
+    e = sub.add_parser("export", help="write the SD1 single file from the two stages")
+    e.add_argument("--vae", required=True)
+    e.add_argument("--unet", required=True, help="stage 2 output folder")
+    e.add_argument("--out", required=True)
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    e.add_argument("--images", type=int, default=512, help="images used to measure the latent std")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m sd train <stage> ...`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if args.stage == "vae":
+        return train_vae(args)
+    if args.stage == "unet":
+        return train_unet(args)
+    return export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -162,8 +162,13 @@ def get_sigmas(schedule: str, model_sigmas: Tensor, steps: int) -> Tensor:
 
 
 def flow_sigmas(steps: int, shift: float = 3.0) -> Tensor:
-    """Rectified-flow sigmas for SD3/3.5 (the SD3 reference `sd3_impls.py` schedule): timesteps uniform from
-    1000 down to 1 (of 1000), shifted with `sd.denoiser.flow_sigma(t, shift)`, then 0. The first sigma is 1."""
+    """Rectified-flow sigmas for SD3/3.5, as the SD3 reference code (`sd3_infer.py` get_sigmas over
+    `ModelSamplingDiscreteFlow`) and ComfyUI's "normal" build them: the training sigmas are
+    `flow_sigma(t/1000, shift)` for t = 1..1000; the schedule takes `steps` timesteps uniform from
+    1000 * sigma_max to 1000 * sigma_min (sigma turned back into a timestep as sigma * 1000, without
+    undoing the shift) and maps them through `flow_sigma` again, then appends 0. The first sigma is 1;
+    the last nonzero one is flow_sigma(flow_sigma(0.001)) (0.0089 at shift 3, 0.001 at shift 1)."""
     steps = _check_steps(steps)
-    t = torch.linspace(1.0, 1.0 / 1000, steps, dtype=torch.float64)  # (steps,) in (0, 1]
+    sigma_min = float(flow_sigma(torch.tensor(1.0 / 1000, dtype=torch.float64), shift))
+    t = torch.linspace(1.0, sigma_min, steps, dtype=torch.float64)  # (steps,) in (0, 1]
     return _finish(flow_sigma(t, shift))

@@ -1,0 +1,677 @@
+"""The Gradio playground: one tab per model family, every tab calling `sd.pipeline` with the checkpoint it names.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass] [--models-dir models]
+                  [--outputs-dir outputs] [--device auto|cpu|cuda] [--dtype auto|float32|float16|bfloat16]
+
+Checkpoints come from the models folder (`sd.models_dir`: --models-dir, $SD_MODELS_DIR or ./models; A1111's
+`Stable-diffusion/` and ComfyUI's `checkpoints/` work as they are) and are listed in the tab of their detected
+family; SD 1.x also offers the built-in demo model. Loaded models live in one `ModelCache` shared by all tabs.
+Each tab's Generate is a named API endpoint (`/generate_sd1`, `/generate_sd2`, `/generate_sdxl`, with
+`/stop_<tab>`), so `gradio_client` can drive it. Images go to the outputs folder with AUTOMATIC1111's `parameters`
+text (`sd.pnginfo`), which the PNG Info tab reads back and sends to the right tab.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import random
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from sd.checkpoint import CheckpointError
+from sd.models_dir import Entry, ModelIndex, by_tab, resolve_models_dir
+from sd.pipeline import GenerateParams, LoadedModel, ModelCache, generate, parse_dtype
+from sd.pnginfo import build_parameters, guess_tab, parse_parameters, read_parameters, save_png, to_settings
+from sd.presets import load_presets, preset_for
+from sd.preview import preview_every, preview_image
+from sd.samplers import DISPLAY_NAMES
+from sd.schedules import SCHEDULE_DISPLAY_NAMES
+
+DEMO_LABEL = "Demo (built in)"
+NO_REFINER = "None"
+TAB_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+TAB_FAMILIES = {"sd1": ("sd1",), "sd2": ("sd2",), "sdxl": ("sdxl-base", "sdxl-refiner")}
+SAMPLER_OF_DISPLAY = {v: k for k, v in DISPLAY_NAMES.items()}
+SCHEDULE_OF_DISPLAY = {v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
+COMMON_INPUTS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
+                 "height", "batch_size", "batch_count", "init_image", "strength")
+SD2_INPUTS = ("prediction",)
+SDXL_INPUTS = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
+               "refiner", "switch_at", "aesthetic_score", "negative_aesthetic_score")
+OUTPUTS = ("gallery", "preview", "status", "infotext", "used_seed", "facts")
+PRESET_FIELDS = ("facts", "width", "height", "steps", "sampler", "schedule", "cfg", "original_width",
+                 "original_height", "target_width", "target_height", "crop_top", "crop_left")
+
+
+@dataclass
+class AppContext:
+    """What the callbacks share: the models folder index, the loaded-model cache and the run settings."""
+
+    index: ModelIndex
+    cache: ModelCache
+    device: str
+    dtype: str
+    outputs_dir: Path
+    demo_path: Path | None
+    concurrency: int = 2                               # generations that may run at once (all tabs together)
+    presets: dict = field(default_factory=load_presets)
+    stops: dict = field(default_factory=dict)          # (session, tab) -> threading.Event of the running request
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def demo_available(self) -> bool:
+        return self.demo_path is not None and self.demo_path.is_file()
+
+
+@dataclass
+class RunOutput:
+    gallery: list
+    infotext: str
+    seed: int
+    status: str
+    facts: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing checkpoints and describing them
+
+
+def tab_choices(ctx: AppContext, tab: str, entries: list[Entry]) -> list[tuple[str, str]]:
+    """(label, value) pairs of a tab's checkpoint dropdown; undetected .ckpt files appear in every tab."""
+    groups = by_tab(entries)
+    choices = [(DEMO_LABEL, DEMO_LABEL)] if tab == "sd1" and ctx.demo_available() else []
+    for e in groups.get(tab, []):
+        label = e.name if e.family in ("sd1", "sd2", "sdxl-base") else f"{e.name} ({e.family})"
+        choices.append((label, e.name))
+    choices += [(f"{e.name} (.ckpt, detected when selected)", e.name) for e in groups.get("unsorted", [])]
+    return choices
+
+
+def refiner_choices(entries: list[Entry]) -> list[tuple[str, str]]:
+    return [(NO_REFINER, NO_REFINER)] + [(e.name, e.name) for e in entries if e.family == "sdxl-refiner"]
+
+
+def default_choice(ctx: AppContext, tab: str, entries: list[Entry]) -> str | None:
+    """The demo model when the folder has nothing for SD 1.x, else the first listed file."""
+    choices = tab_choices(ctx, tab, entries)
+    real = [v for _, v in choices if v != DEMO_LABEL]
+    if tab == "sd1" and ctx.demo_available() and not any(e.family == "sd1" for e in entries):
+        return DEMO_LABEL
+    return real[0] if real else (choices[0][1] if choices else None)
+
+
+def describe(spec, path: Path | None, is_demo: bool = False) -> str:
+    """Markdown: the detected facts of a checkpoint (family, prediction type and why, latent format, ...)."""
+    if spec is None:
+        return "*no checkpoint selected*"
+    lat = spec.latent
+    pred = spec.prediction if spec.prediction_source != "probe" else "eps or v"
+    why = ("decided by A1111's probe when the model loads" if spec.prediction_source == "probe"
+           else spec.prediction_source)
+    lines = [f"**family** `{spec.family}`" + (" (built-in demo)" if is_demo else ""),
+             f"**prediction** `{pred}`: {why}",
+             f"**latent** {lat.channels} ch, /{lat.factor}, scale {lat.scale:g}; UNet in {spec.unet.in_channels} ch, "
+             f"context {spec.unet.context_dim}" + (f", vector {spec.unet.adm_in_channels}"
+                                                  if spec.unet.adm_in_channels else "")]
+    if path is not None and path.exists():
+        lines.append(f"**file** `{path.name}` ({path.stat().st_size / 2**30:.2f} GiB)")
+    lines += [f"*not run yet:* {u}" for u in spec.unsupported]
+    return "  \n".join(lines)
+
+
+def banner(ctx: AppContext, entries: list[Entry]) -> str:
+    """What the models folder holds, and where to put files when it holds nothing."""
+    root = ctx.index.root.resolve()
+    groups = by_tab(entries)
+    counts = ", ".join(f"{TAB_LABELS.get(t, t)}: {len(v)}" for t, v in groups.items() if t != "unusable")
+    text = f"Models folder: `{root}`" + (f" ({counts})" if counts else "")
+    if not ctx.demo_available():
+        text += ("  \nThe built-in demo model is not available in this install "
+                 f"(`{ctx.demo_path}` is missing; `python -m sd train` rebuilds it).")
+    if not any(e.tab in ("sd1", "sd2", "sdxl", "unsorted") for e in entries):
+        text += (f"  \n**No checkpoint found.** Put `.safetensors` or `.ckpt` files in `{root}` (or start with "
+                 "`--models-dir` pointing at an AUTOMATIC1111 `models/Stable-diffusion` or ComfyUI "
+                 "`models/checkpoints` folder), then press Refresh. To download an official one (needs a reachable "
+                 "Hugging Face hub): `python -m sd download sd15` (also `sd21`, `sd21-base`, `sdxl`, `sdxl-refiner`; "
+                 "`python -m sd download --list`).")
+        if ctx.demo_available():
+            text += f" Meanwhile the SD 1.x tab runs the **{DEMO_LABEL}** model with its example prompts."
+    bad = groups.get("unusable", [])
+    if bad:
+        text += "  \nNot listed: " + "; ".join(f"`{e.name}`: {e.error}" for e in bad[:10])
+    return text
+
+
+def selection(ctx: AppContext, value: str, prediction: str | None = None):
+    """(path, spec, is_demo) of a dropdown value; detects a .ckpt now and probes an SD 2 file by loading it."""
+    if value == DEMO_LABEL:
+        if not ctx.demo_available():
+            raise FileNotFoundError(f"the built-in demo model is missing ({ctx.demo_path})")
+        return ctx.demo_path, ctx.index.detect(ctx.demo_path).spec, True
+    path = ctx.index.resolve(value)
+    entry = ctx.index.detect(path)
+    if entry.spec is None:
+        raise CheckpointError(entry.error or f"{path.name}: not a usable checkpoint")
+    spec = entry.spec
+    if spec.prediction_source == "probe" or prediction in ("eps", "v"):
+        spec = ctx.cache.get(path, ctx.device, ctx.dtype, prediction if prediction in ("eps", "v") else None).spec
+    return path, spec, False
+
+
+def preset_updates(ctx: AppContext, value: str, prediction: str | None = None) -> dict:
+    """Tab values from the preset of the selected checkpoint (and its facts)."""
+    try:
+        path, spec, is_demo = selection(ctx, value, prediction)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return {"facts": f"**cannot use this file:** {e}"}
+    p = preset_for(spec, ctx.presets, is_demo=is_demo)
+    return {"facts": describe(spec, path, is_demo), "width": p["width"], "height": p["height"], "steps": p["steps"],
+            "sampler": DISPLAY_NAMES.get(p["sampler"], p["sampler"]),
+            "schedule": SCHEDULE_DISPLAY_NAMES.get(p["schedule"], p["schedule"]), "cfg": p["cfg"],
+            "original_width": p["width"], "original_height": p["height"], "target_width": p["width"],
+            "target_height": p["height"], "crop_top": 0, "crop_left": 0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a request
+
+
+def _name(display: str, table: dict[str, str], internal: dict) -> str:
+    """A1111 display name or internal name -> internal name."""
+    if display in table:
+        return table[display]
+    if display in internal:
+        return display
+    raise ValueError(f"unknown choice {display!r}; expected one of {', '.join(table)}")
+
+
+def _params(s: dict, seed: int) -> GenerateParams:
+    from sd.samplers import SAMPLERS
+    from sd.schedules import SCHEDULES
+
+    p = GenerateParams(prompt=s["prompt"] or "", negative_prompt=s["negative_prompt"] or "",
+                       width=int(s["width"]), height=int(s["height"]), steps=int(s["steps"]), cfg=float(s["cfg"]),
+                       seed=seed, sampler=_name(s["sampler"], SAMPLER_OF_DISPLAY, SAMPLERS),
+                       schedule=_name(s["schedule"], SCHEDULE_OF_DISPLAY, SCHEDULES),
+                       batch_size=int(s["batch_size"]))
+    if s.get("init_image") is not None:
+        p.init_image, p.strength = s["init_image"], float(s["strength"])
+    if "crop_top" in s:
+        p.sdxl_original_size = (int(s["original_height"]), int(s["original_width"]))
+        p.sdxl_crop = (int(s["crop_top"]), int(s["crop_left"]))
+        p.sdxl_target_size = (int(s["target_height"]), int(s["target_width"]))
+        p.aesthetic_score = float(s["aesthetic_score"])
+        p.negative_aesthetic_score = float(s["negative_aesthetic_score"])
+    return p
+
+
+def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel | None]:
+    """The request's checkpoint (and refiner), checked against the tab's families."""
+    prediction = s.get("prediction") if s.get("prediction") in ("eps", "v") else None
+    path, spec, _ = selection(ctx, s["checkpoint"], prediction)
+    if spec.family not in TAB_FAMILIES[tab]:
+        right = next((t for t, fams in TAB_FAMILIES.items() if spec.family in fams), None)
+        where = f"use the {TAB_LABELS[right]} tab (/generate_{right})" if right else "this app cannot run it yet"
+        raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
+    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction)
+    refiner = None
+    if s.get("refiner") and s["refiner"] != NO_REFINER:
+        if spec.family != "sdxl-base":
+            raise ValueError("the refiner continues an SDXL base: choose a base checkpoint, or set refiner to None")
+        rpath = ctx.index.resolve(s["refiner"])
+        refiner = ctx.cache.get(rpath, ctx.device, ctx.dtype)
+        if refiner.spec.family != "sdxl-refiner":
+            raise ValueError(f"{rpath.name} is a {refiner.spec.family} checkpoint, not an SDXL refiner")
+    return model, refiner
+
+
+def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, report) -> RunOutput:
+    """Every image of a request (batch count x batch size), saved with its parameters. `report(kind, payload)`
+    receives ("status", text) and ("step", (done, total, preview image or None))."""
+    seed = int(s["seed"]) if s["seed"] is not None and int(s["seed"]) >= 0 else random.randrange(2**32 - 1)
+    report("status", "loading the model")
+    model, refiner = _load(ctx, tab, s)
+    count, steps = int(s["batch_count"]), int(s["steps"])
+    every = preview_every(steps)
+    gallery, texts, done_steps, stopped = [], [], 0, False
+    for n in range(count):
+        p = _params(s, seed + n * int(s["batch_size"]))
+        base_done = done_steps
+
+        def on_step(info: dict, base_done=base_done) -> None:
+            i, total = info["step"] + 1, info["total"]
+            prev = None
+            if i % every == 0 and i < total:
+                prev = preview_image(info["denoised"], model.spec.family, (p.width, p.height))
+            report("step", (base_done + i, total * count, prev))
+
+        if refiner is not None:
+            from sd.refiner import generate_with_refiner
+
+            res = generate_with_refiner(model, refiner, p, float(s["switch_at"]), callback=on_step, stop=stop)
+        else:
+            res = generate(model, p, callback=on_step, stop=stop)
+        done_steps += res.steps_done
+        for i, img in enumerate(res.images):
+            text = build_parameters(
+                prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, sampler=p.sampler,
+                schedule=p.schedule, cfg=p.cfg, seed=p.seed, width=p.width, height=p.height, model_name=model.name,
+                model_hash=model.short_hash, family=model.spec.family,
+                denoising_strength=p.strength if p.init_image is not None else None,
+                sdxl_original_size=p.sdxl_original_size, sdxl_crop=p.sdxl_crop, sdxl_target_size=p.sdxl_target_size,
+                aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
+                refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,
+                refiner_switch_at=float(s["switch_at"]) if refiner else None, batch_size=p.batch_size, batch_pos=i)
+            path = save_png(img, text, ctx.outputs_dir, p.seed)
+            gallery.append((str(path), f"seed {p.seed}" + (f" #{i}" if p.batch_size > 1 else "")))
+            texts.append(text)
+        if res.stopped or stop.is_set():
+            stopped = True
+            break
+    status = (f"stopped after {done_steps} of {steps * count} steps" if stopped else
+              f"done: {len(gallery)} image(s), {done_steps} steps") + f"; seed {seed}"
+    facts = describe(model.spec, model.path, model.path == ctx.demo_path)
+    return RunOutput(gallery, texts[0] if texts else "", seed, status, facts)
+
+
+def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, progress):
+    """Run a request on a worker thread and stream its progress: status text, preview, then the images.
+    The Stop button sets the request's event; the sampler checks it between steps and returns what is done."""
+    key = (getattr(request, "session_hash", None), tab)
+    stop, q = threading.Event(), queue.Queue()
+    with ctx.lock:
+        ctx.stops[key] = stop
+
+    def work() -> None:
+        try:
+            q.put(("done", run_request(ctx, tab, s, stop, lambda kind, payload: q.put((kind, payload)))))
+        except (CheckpointError, ValueError, FileNotFoundError) as e:
+            q.put(("error", str(e)))
+        except Exception as e:  # noqa: BLE001 - shown to the user, logged with its traceback
+            traceback.print_exc()
+            q.put(("error", f"{type(e).__name__}: {e}"))
+
+    threading.Thread(target=work, daemon=True, name=f"generate-{tab}").start()
+    finished = False
+    skip = gr.skip()
+    try:
+        while True:
+            kind, payload = q.get()
+            if kind == "status":
+                yield skip, skip, payload, skip, skip, skip
+            elif kind == "step":
+                done, total, prev = payload
+                progress((done, total), desc=f"step {done}/{total}", unit="steps")
+                yield skip, (prev if prev is not None else skip), f"step {done}/{total}", skip, skip, skip
+            elif kind == "error":
+                finished = True
+                raise gr.Error(payload)
+            else:
+                finished = True
+                out: RunOutput = payload
+                yield out.gallery, None, out.status, out.infotext, out.seed, out.facts
+                return
+    finally:
+        if not finished:  # the client went away: end the worker at its next step
+            stop.set()
+        with ctx.lock:
+            if ctx.stops.get(key) is stop:
+                del ctx.stops[key]
+
+
+def stop_run(ctx: AppContext, tab: str, request: gr.Request | None) -> str:
+    with ctx.lock:
+        ev = ctx.stops.get((getattr(request, "session_hash", None), tab))
+    if ev is None:
+        return "nothing is running"
+    ev.set()
+    return "stopping after the current step"
+
+
+# ------------------------------------------------------------------------------------------------
+# The UI
+
+
+def _size_slider(label: str, value: int, elem_id: str) -> gr.Slider:
+    return gr.Slider(64, 2048, value=value, step=8, label=label, elem_id=elem_id)
+
+
+def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
+    """The components of one family tab, keyed by name (also the API parameter names)."""
+    c: dict = {}
+    value = default_choice(ctx, tab, entries)
+    start = preset_updates(ctx, value) if value else {"facts": "*no checkpoint for this tab in the models folder*"}
+    fallback = ctx.presets["sdxl-base" if tab == "sdxl" else tab]
+    get = lambda k: start.get(k, fallback.get(k))  # noqa: E731
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                c["checkpoint"] = gr.Dropdown(tab_choices(ctx, tab, entries), value=value, label="Checkpoint",
+                                              allow_custom_value=True, elem_id=f"{tab}-checkpoint", scale=5)
+                c["refresh"] = gr.Button("Refresh", scale=0, min_width=80, elem_id=f"{tab}-refresh")
+                if tab == "sd2":
+                    c["prediction"] = gr.Dropdown(["auto", "eps", "v"], value="auto", label="Prediction type",
+                                                  scale=1, elem_id=f"{tab}-prediction")
+        with gr.Column(scale=2):
+            c["facts"] = gr.Markdown(start["facts"], elem_id=f"{tab}-facts")
+    c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{tab}-negative")
+    if tab == "sd1" and ctx.demo_available():
+        from sd.demo import EXAMPLE_PROMPTS
+
+        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[c["prompt"]], label="Example prompts (demo model)")
+    with gr.Row():
+        with gr.Column():
+            with gr.Row():
+                c["sampler"] = gr.Dropdown(list(DISPLAY_NAMES.values()), label="Sampler", elem_id=f"{tab}-sampler",
+                                           value=DISPLAY_NAMES.get(get("sampler"), get("sampler")))
+                c["schedule"] = gr.Dropdown(list(SCHEDULE_DISPLAY_NAMES.values()), label="Schedule type",
+                                            elem_id=f"{tab}-schedule",
+                                            value=SCHEDULE_DISPLAY_NAMES.get(get("schedule"), get("schedule")))
+            with gr.Row():
+                c["steps"] = gr.Slider(1, 150, value=get("steps"), step=1, label="Steps", elem_id=f"{tab}-steps")
+                c["cfg"] = gr.Slider(1, 30, value=get("cfg"), step=0.5, label="CFG scale", elem_id=f"{tab}-cfg")
+            with gr.Row():
+                c["width"] = _size_slider("Width", get("width"), f"{tab}-width")
+                c["height"] = _size_slider("Height", get("height"), f"{tab}-height")
+            with gr.Row():
+                c["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id=f"{tab}-seed", scale=3)
+                c["dice"] = gr.Button("Random", scale=0, min_width=80, elem_id=f"{tab}-dice")
+                c["reuse"] = gr.Button("Reuse", scale=0, min_width=80, elem_id=f"{tab}-reuse")
+                c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch-size")
+                c["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count",
+                                             elem_id=f"{tab}-batch-count")
+            with gr.Accordion("img2img", open=False):
+                c["init_image"] = gr.Image(type="pil", label="Init image (optional)", elem_id=f"{tab}-init-image")
+                c["strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                          elem_id=f"{tab}-strength")
+            if tab == "sdxl":
+                _sdxl_controls(c, get, entries)
+        with gr.Column():
+            with gr.Row():
+                c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id=f"{tab}-stop")
+            c["status"] = gr.Markdown("", elem_id=f"{tab}-status")
+            c["preview"] = gr.Image(label="Preview", interactive=False, height=160, elem_id=f"{tab}-preview")
+            c["gallery"] = gr.Gallery(label="Images", columns=2, elem_id=f"{tab}-gallery", format="png")
+            c["used_seed"] = gr.Number(label="Used seed", precision=0, interactive=False, elem_id=f"{tab}-used-seed")
+            c["infotext"] = gr.Textbox(label="Parameters (PNG info)", lines=3, interactive=False,
+                                       elem_id=f"{tab}-infotext")
+    _wire_tab(ctx, tab, c)
+    return c
+
+
+def _sdxl_controls(c: dict, get, entries: list[Entry]) -> None:
+    with gr.Accordion("SDXL size conditioning", open=True):
+        with gr.Row():
+            c["original_width"] = _size_slider("Original width", get("width"), "sdxl-original-width")
+            c["original_height"] = _size_slider("Original height", get("height"), "sdxl-original-height")
+        with gr.Row():
+            c["crop_top"] = gr.Slider(0, 2048, value=0, step=8, label="Crop top", elem_id="sdxl-crop-top")
+            c["crop_left"] = gr.Slider(0, 2048, value=0, step=8, label="Crop left", elem_id="sdxl-crop-left")
+        with gr.Row():
+            c["target_width"] = _size_slider("Target width", get("width"), "sdxl-target-width")
+            c["target_height"] = _size_slider("Target height", get("height"), "sdxl-target-height")
+    with gr.Accordion("Refiner", open=False):
+        c["refiner"] = gr.Dropdown(refiner_choices(entries), value=NO_REFINER, label="Refiner checkpoint",
+                                   allow_custom_value=True, elem_id="sdxl-refiner")
+        c["switch_at"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Switch at (fraction of the steps)",
+                                   elem_id="sdxl-switch-at")
+        with gr.Row():
+            c["aesthetic_score"] = gr.Slider(0, 10, value=6.0, step=0.5, label="Aesthetic score",
+                                             elem_id="sdxl-aesthetic")
+            c["negative_aesthetic_score"] = gr.Slider(0, 10, value=2.5, step=0.5, label="Negative aesthetic score",
+                                                      elem_id="sdxl-negative-aesthetic")
+
+
+def _generate_fn(ctx: AppContext, tab: str):
+    """The tab's generate callback with named parameters (they become the API's keyword arguments)."""
+    if tab == "sdxl":
+        def generate_sdxl(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
+                          batch_size, batch_count, init_image, strength, original_width, original_height, crop_top,
+                          crop_left, target_width, target_height, refiner, switch_at, aesthetic_score,
+                          negative_aesthetic_score, request: gr.Request, progress=gr.Progress()):
+            s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
+            yield from stream_run(ctx, tab, s, request, progress)
+        return generate_sdxl
+    if tab == "sd2":
+        def generate_sd2(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
+                         batch_size, batch_count, init_image, strength, prediction, request: gr.Request,
+                         progress=gr.Progress()):
+            s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
+            yield from stream_run(ctx, tab, s, request, progress)
+        return generate_sd2
+
+    def generate_sd1(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
+                     batch_size, batch_count, init_image, strength, request: gr.Request, progress=gr.Progress()):
+        s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
+        yield from stream_run(ctx, tab, s, request, progress)
+    return generate_sd1
+
+
+def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
+    names = COMMON_INPUTS + (SD2_INPUTS if tab == "sd2" else ()) + (SDXL_INPUTS if tab == "sdxl" else ())
+    outputs = [c[k] for k in OUTPUTS]
+    c["generate"].click(_generate_fn(ctx, tab), [c[k] for k in names], outputs, api_name=f"generate_{tab}",
+                        concurrency_id="generate", concurrency_limit=ctx.concurrency,
+                        show_progress_on=[c["status"]])
+    def stop(request: gr.Request) -> str:
+        return stop_run(ctx, tab, request)
+
+    c["stop"].click(stop, None, c["status"], api_name=f"stop_{tab}",
+                    concurrency_limit=None, queue=False)
+    c["dice"].click(lambda: -1, None, c["seed"], api_visibility="private", queue=False)
+    c["reuse"].click(lambda s: s, c["used_seed"], c["seed"], api_visibility="private", queue=False)
+    fill = [c[k] for k in PRESET_FIELDS if k in c]
+
+    def on_select(value, prediction="auto"):
+        up = preset_updates(ctx, value, prediction if prediction in ("eps", "v") else None)
+        return [up.get(k, gr.skip()) for k in PRESET_FIELDS if k in c]
+
+    pred = [c["prediction"]] if "prediction" in c else []
+    c["checkpoint"].input(on_select, [c["checkpoint"], *pred], fill, api_visibility="private")
+    if pred:
+        c["prediction"].input(on_select, [c["checkpoint"], *pred], fill, api_visibility="private")
+    if tab == "sdxl":  # original and target size follow the output size when the user changes it
+        c["width"].input(lambda w: (w, w), c["width"], [c["original_width"], c["target_width"]],
+                         api_visibility="private", queue=False)
+        c["height"].input(lambda h: (h, h), c["height"], [c["original_height"], c["target_height"]],
+                          api_visibility="private", queue=False)
+
+
+def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
+    """Tabs for the families still to come: what they are and which files of theirs were found."""
+    groups = by_tab(entries)
+    found = lambda kinds: [e for e in entries if e.family in kinds]  # noqa: E731
+    with gr.Tab("SD3 / 3.5", id="sd3"):
+        gr.Markdown(_future_text(ctx, ["sd3"], found(["sd3"])))
+    with gr.Tab("VQ-GAN / LDM", id="ldm"):
+        gr.Markdown(_future_text(ctx, ["ldm"], []))
+    variants = ["sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd2-depth", "sd2-x4-upscaler", "sd2-unclip"]
+    with gr.Tab("Inpaint / depth / upscaler / unCLIP", id="variants"):
+        md = gr.Markdown(_future_text(ctx, variants, groups.get("variants", [])))
+    return md
+
+
+def _future_text(ctx: AppContext, preset_names: list[str], files: list[Entry]) -> str:
+    lines = ["**Not implemented yet.** These checkpoints are detected and listed, but this app cannot run them "
+             "yet; the tab will get its form when the engine supports them.", ""]
+    for name in preset_names:
+        p = ctx.presets[name]
+        lines.append(f"- **{p['label']}**: {p['notes']} Expected files: {', '.join(p['expects'])}.")
+    lines.append("")
+    if files:
+        lines.append("Found in the models folder:")
+        for e in files:
+            why = "; ".join(e.spec.unsupported) if e.spec is not None and e.spec.unsupported else (e.error or "")
+            lines.append(f"- `{e.name}` ({e.family}): {why}")
+    else:
+        lines.append("No such file in the models folder.")
+    return "\n".join(lines)
+
+
+def png_info(image_path: str | None) -> tuple[str, dict, str]:
+    """Read the `parameters` text of an uploaded image: (text, settings, suggested tab as markdown)."""
+    if not image_path:
+        return "", {}, ""
+    text = read_parameters(image_path)
+    if not text:
+        return "", {}, "This image carries no generation parameters."
+    settings = to_settings(parse_parameters(text))
+    tab = guess_tab(settings)
+    return text, settings, f"Looks like **{TAB_LABELS[tab]}** settings (model: `{settings.get('model', '?')}`)."
+
+
+def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
+    """PNG-info settings -> {component name: value} for a tab (the checkpoint only if it is in the folder)."""
+    up: dict = {k: settings[k] for k in ("prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height",
+                                         "batch_size", "strength") if k in settings}
+    if "sampler" in settings:
+        up["sampler"] = DISPLAY_NAMES[settings["sampler"]]
+    if "schedule" in settings:
+        up["schedule"] = SCHEDULE_DISPLAY_NAMES[settings["schedule"]]
+    if tab == "sdxl":
+        size = (settings.get("height", 1024), settings.get("width", 1024))
+        up["original_height"], up["original_width"] = settings.get("sdxl_original_size", size)
+        up["target_height"], up["target_width"] = settings.get("sdxl_target_size", size)
+        up["crop_top"], up["crop_left"] = settings.get("sdxl_crop", (0, 0))
+        for src, dst in (("refiner_switch_at", "switch_at"), ("aesthetic_score", "aesthetic_score"),
+                         ("negative_aesthetic_score", "negative_aesthetic_score")):
+            if src in settings:
+                up[dst] = settings[src]
+    note = ""
+    model = settings.get("model")
+    if model:
+        match = [e for e in ctx.index.scan() if Path(e.name).stem == model and e.tab in (tab, "unsorted")]
+        if match:
+            up["checkpoint"] = match[0].name
+        else:
+            note = f"Checkpoint `{model}` is not in the models folder; the tab keeps its current one."
+    return up, note
+
+
+SEND_KEYS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
+             "height", "batch_size", "strength", "original_width", "original_height", "crop_top", "crop_left",
+             "target_width", "target_height", "switch_at", "aesthetic_score", "negative_aesthetic_score")
+
+
+def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict]) -> None:
+    with gr.Tab("PNG Info", id="pnginfo"):
+        with gr.Row():
+            image = gr.Image(type="filepath", image_mode=None, label="Image (PNG from this app or AUTOMATIC1111)",
+                             sources=["upload", "clipboard"], elem_id="pnginfo-image")
+            with gr.Column():
+                text = gr.Textbox(label="parameters", lines=6, interactive=False, elem_id="pnginfo-text")
+                settings = gr.JSON(label="Settings", elem_id="pnginfo-settings")
+                hint = gr.Markdown(elem_id="pnginfo-hint")
+                with gr.Row():
+                    buttons = {t: gr.Button(f"Send to {label}", elem_id=f"pnginfo-send-{t}")
+                               for t, label in TAB_LABELS.items()}
+        image.change(png_info, image, [text, settings, hint], api_name="png_info")
+        for t, btn in buttons.items():
+            keys = [k for k in SEND_KEYS if k in gen_tabs[t]]
+
+            def send(s, t=t, keys=keys):
+                up, note = send_values(ctx, t, s or {})
+                return [up.get(k, gr.skip()) for k in keys] + [gr.Tabs(selected=t), note]
+
+            btn.click(send, settings, [gen_tabs[t][k] for k in keys] + [tabs, hint], api_visibility="private")
+
+
+def refresh_all(ctx: AppContext, gen_tabs: dict[str, dict]):
+    """Rescan the models folder: new choices for every checkpoint dropdown, the refiner list and the banner."""
+    entries = ctx.index.scan()
+    ups = [gr.Dropdown(choices=tab_choices(ctx, t, entries)) for t in gen_tabs]
+    return ups + [gr.Dropdown(choices=refiner_choices(entries)), banner(ctx, entries),
+                  _future_text(ctx, ["sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd2-depth", "sd2-x4-upscaler",
+                                     "sd2-unclip"], by_tab(entries).get("variants", []))]
+
+
+def default_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        parse_dtype(dtype)
+        return dtype
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
+              cache: ModelCache | None = None, outputs_dir: str | os.PathLike = "outputs",
+              demo_path: Path | None | str = "default", concurrency: int = 2) -> gr.Blocks:
+    """The whole playground. `cache` may be shared (tests pass one); `demo_path` None disables the demo model."""
+    if demo_path == "default":
+        from sd.demo import DEMO_CHECKPOINT
+
+        demo_path = DEMO_CHECKPOINT
+    device = default_device(device)
+    ctx = AppContext(index=ModelIndex(resolve_models_dir(models_dir)), cache=cache or ModelCache(), device=device,
+                     dtype=default_dtype(dtype, device), outputs_dir=Path(outputs_dir),
+                     demo_path=Path(demo_path) if demo_path else None, concurrency=concurrency)
+    entries = ctx.index.scan()
+    with gr.Blocks(title="Stable Diffusion playground") as demo:
+        gr.Markdown("## Stable Diffusion series playground")
+        info = gr.Markdown(banner(ctx, entries), elem_id="models-banner")
+        with gr.Tabs() as tabs:
+            gen_tabs = {}
+            for t, label in TAB_LABELS.items():
+                with gr.Tab(label, id=t, elem_id=f"tab-{t}"):
+                    gen_tabs[t] = build_generate_tab(ctx, t, entries)
+            variants_md = build_future_tabs(ctx, entries)
+            build_pnginfo_tab(ctx, tabs, gen_tabs)
+        outs = [gen_tabs[t]["checkpoint"] for t in gen_tabs] + [gen_tabs["sdxl"]["refiner"], info, variants_md]
+        for t in gen_tabs:
+            gen_tabs[t]["refresh"].click(lambda: refresh_all(ctx, gen_tabs), None, outs,
+                                         api_name="refresh" if t == "sd1" else None,
+                                         api_visibility="public" if t == "sd1" else "private")
+    demo.sd_context = ctx  # for tests and tools; the app itself never reads it back
+    return demo
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Stable Diffusion series playground (Gradio).")
+    on_space = bool(os.environ.get("SPACE_ID"))
+    ap.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    ap.add_argument("--auth", default=None, help="user:pass required to open the page")
+    ap.add_argument("--models-dir", default=None, help="checkpoint folder (default $SD_MODELS_DIR or ./models)")
+    ap.add_argument("--outputs-dir", default="outputs", help="where generated PNGs are saved")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="auto: float16 on cuda, float32 elsewhere")
+    ap.add_argument("--cache-gb", type=float, default=None, help="memory budget of loaded models (default 8)")
+    ap.add_argument("--concurrency", type=int, default=2, help="generations that may run at once")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            print("error: --auth expects user:pass", file=sys.stderr)
+            return 2
+        auth = tuple(args.auth.split(":", 1))
+    cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None)
+    demo = build_app(args.models_dir, args.device, args.dtype, cache=cache, outputs_dir=args.outputs_dir,
+                     concurrency=args.concurrency)
+    Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                allowed_paths=[str(Path(args.outputs_dir).resolve())])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

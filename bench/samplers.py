@@ -2,14 +2,16 @@
 
 The problem (exactly solvable): data x0 ~ N(0, s^2) per element, so the exact denoiser is
 `D(x, sigma) = x * s^2 / (s^2 + sigma^2)` and the probability-flow ODE maps the starting latent
-`x_T = noise * sqrt(s^2 + sigma_max^2)` to `x_T * s / sqrt(s^2 + sigma_max^2)` at sigma 0.
+`x_T = noise * sqrt(s^2 + sigma_max^2)` to `noise * s` at sigma 0.
 
-Deterministic samplers: relative L2 error of the result against that exact ODE solution.
-Stochastic samplers (default eta): relative error of the std of the result against s (the data std),
-over 4096 samples; the sampling noise of a std estimated from 4096 samples is ~1.1%, so numbers below
-about 0.02 mean "right within noise". Schedule: karras (or --schedule), SD 1.x training sigmas.
+- ODE (deterministic) samplers: relative L2 error of the result against that exact ODE solution.
+- SDE (stochastic, default eta) samplers: |std(result)/s - 1| over 65536 samples (sampling noise ~0.3%),
+  i.e. how far the sampled distribution's spread is from the data's. LCM is given the problem's exact
+  consistency function (what an LCM model predicts) instead of D.
+- Flow table (SD3, `--flow`): rectified flow x = (1 - sigma) x0 + sigma n on `flow_sigmas(steps, 3.0)`,
+  ODE samplers only (the stochastic ones add noise the eps/v way).
 
-Run: `python bench/samplers.py [--schedule karras] [--s 1.0] [--steps 5 10 20 50 100]`
+Run: `python bench/samplers.py [--schedule karras normal ...] [--flow] [--s 1.0] [--steps 5 10 20 50 100]`
 """
 from __future__ import annotations
 
@@ -25,30 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sd.denoiser import discrete_sigmas  # noqa: E402
 from sd.samplers import DISPLAY_NAMES, SAMPLERS, STOCHASTIC  # noqa: E402
-from sd.schedules import get_sigmas  # noqa: E402
+from sd.schedules import flow_sigmas, get_sigmas  # noqa: E402
 
 
-def gaussian_denoiser(s: float):
-    """Exact D(x, sigma) for data ~ N(0, s^2), counting its calls."""
+def counting(fn):
     calls = {"n": 0}
 
     def D(x, sigma):
         calls["n"] += 1
-        sig = sigma.view(-1, 1, 1, 1).to(torch.float64)
-        return (x.double() * s**2 / (s**2 + sig**2)).to(x.dtype)
+        return fn(x, sigma.view(-1, 1, 1, 1).to(torch.float64)).to(x.dtype)
 
     return D, calls
 
 
 def run(name: str, steps: int, schedule: str, s: float, seed: int = 0) -> tuple[float, float]:
     """(error, model calls per step) of one sampler at `steps` steps."""
-    model_sigmas = discrete_sigmas()
-    sigmas = get_sigmas(schedule, model_sigmas, steps)
-    noise = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    x = noise * math.sqrt(s**2 + float(sigmas[0]) ** 2)
-    D, calls = gaussian_denoiser(s)
+    stochastic = name in STOCHASTIC and schedule != "flow"
+    shape = (16, 4, 32, 32) if stochastic else (1, 4, 32, 32)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    if schedule == "flow":
+        sigmas = flow_sigmas(steps, 3.0)
+        x = noise
+        D, calls = counting(lambda x, g: x.double() * (1 - g) * s**2 / ((1 - g) ** 2 * s**2 + g**2))
+    else:
+        sigmas = get_sigmas(schedule, discrete_sigmas(), steps)
+        x = noise * math.sqrt(s**2 + float(sigmas[0]) ** 2)
+        if name == "lcm":
+            D, calls = counting(lambda x, g: x.double() * s / (s**2 + g**2).sqrt())
+        else:
+            D, calls = counting(lambda x, g: x.double() * s**2 / (s**2 + g**2))
     out = SAMPLERS[name](D, x, sigmas, generator=torch.Generator().manual_seed(seed + 1))
-    if name in STOCHASTIC:
+    if stochastic:
         err = abs(float(out.double().std()) / s - 1)
     else:
         exact = noise.double() * s
@@ -56,26 +65,33 @@ def run(name: str, steps: int, schedule: str, s: float, seed: int = 0) -> tuple[
     return err, calls["n"] / steps
 
 
+def table(schedule: str, s: float, steps: list[int]) -> None:
+    names = [n for n in SAMPLERS if schedule != "flow" or n not in STOCHASTIC]
+    title = "flow_sigmas(shift 3), rectified flow (SD3)" if schedule == "flow" else f"schedule {schedule!r}"
+    print(f"\n{title}, data std {s}.  ODE: relative error vs the exact solution;  SDE: |std/s - 1|")
+    head = f"{'sampler':<20}{'A1111 name':<14}{'kind':<6}{'calls/step':>10}" + "".join(f"{n:>10}" for n in steps)
+    print(head)
+    print("-" * len(head))
+    for name in names:
+        errs, cps = [], 0.0
+        for n in steps:
+            e, cps = run(name, n, schedule, s)
+            errs.append(e)
+        kind = "SDE" if name in STOCHASTIC and schedule != "flow" else "ODE"
+        print(f"{name:<20}{DISPLAY_NAMES[name]:<14}{kind:<6}{cps:>10.2f}" + "".join(f"{e:>10.2e}" for e in errs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schedule", default="karras")
+    ap.add_argument("--schedule", nargs="+", default=["karras"])
+    ap.add_argument("--flow", action="store_true", help="also the SD3 flow table")
     ap.add_argument("--s", type=float, default=1.0, help="data std")
     ap.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     args = ap.parse_args()
     t0 = time.perf_counter()
-    head = f"{'sampler':<20}{'A1111 name':<14}{'kind':<6}{'calls/step':>10}" + "".join(f"{n:>10}" for n in args.steps)
-    print(f"schedule {args.schedule}, data std {args.s}; ODE: relative error vs exact; SDE: |std/s - 1| "
-          "(4096 samples)")
-    print(head)
-    print("-" * len(head))
-    for name in SAMPLERS:
-        errs, cps = [], 0.0
-        for n in args.steps:
-            e, cps = run(name, n, args.schedule, args.s)
-            errs.append(e)
-        kind = "SDE" if name in STOCHASTIC else "ODE"
-        print(f"{name:<20}{DISPLAY_NAMES[name]:<14}{kind:<6}{cps:>10.2f}" + "".join(f"{e:>10.2e}" for e in errs))
-    print(f"({time.perf_counter() - t0:.1f} s)")
+    for schedule in args.schedule + (["flow"] if args.flow else []):
+        table(schedule, args.s, args.steps)
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sd.conditioning import SDXLSizes, encode_conditions, fourier
 from sd.pipeline import GenerateParams, generate, initial_noise, load_model
 from sd.schedules import get_sigmas
 from sd.tokenizer import tokenize_weighted
@@ -141,3 +142,44 @@ def test_euler_cfg_generation_matches_diffusers(tiny_files, name: str, predictio
     px = vae.decode(ref / spec.latent.scale).sample
     ours_px = model.parts.vae.decode(ours.latents / spec.latent.scale)
     assert rel_err(ours_px, px) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2_768_v", "sdxl_base", "sdxl_refiner"])
+@torch.no_grad()
+def test_components_match_diffusers(tiny_files, name: str) -> None:
+    """UNet, VAE encode/decode and text encoders of the tiny file agree with diffusers' converted models."""
+    # our side reads the .ckpt (weights-only pickle) for one layout, diffusers always converts the .safetensors twin
+    path = tiny_files(name, ".ckpt" if name == "sdxl_refiner" else ".safetensors")
+    model = load_model(path, prediction="eps")
+    spec = model.spec
+    unet, vae, texts = diffusers_parts(tiny_files(name), spec)
+    g = torch.Generator().manual_seed(0)
+    # text: context (each family's layer rule) and pooled output from the same prompt
+    prompt = "an astronaut riding a horse"
+    cond, _ = encode_conditions(model.parts.text_encoders, spec, prompt, "", 1, sizes=SDXLSizes((48, 64)))
+    ref_ctx, ref_pooled = diffusers_text(texts, spec, prompt)
+    assert rel_err(cond["context"], ref_ctx) < 1e-4
+    if ref_pooled is not None:
+        assert rel_err(cond["y"][:, : ref_pooled.shape[1]], ref_pooled) < 1e-4
+    # UNet on a 9 x 7 latent (any multiple-of-8 image size works)
+    x = torch.randn(2, 4, 9, 7, generator=g)
+    t = torch.tensor([999.0, 37.25])
+    ctx = torch.randn(2, 77, spec.unet.context_dim, generator=g)
+    if spec.family == "sdxl-base":
+        pooled = torch.randn(2, spec.text_encoders[-1].projection_dim, generator=g)
+        ids = torch.tensor([[1024.0, 768, 0, 32, 1024, 768], [512, 512, 16, 0, 512, 512]])
+        y = torch.cat([pooled, torch.stack([fourier(r.tolist()) for r in ids])], dim=1)
+        ref = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    elif spec.unet.adm_in_channels:
+        y = torch.randn(2, spec.unet.adm_in_channels, generator=g)
+        ref = unet(x, t, encoder_hidden_states=ctx, class_labels=y).sample
+    else:
+        y = None
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+    ours = model.parts.unet(x, t, context=ctx, y=y)
+    assert rel_err(ours, ref) < 1e-4
+    # VAE encode (mean) and decode
+    img = torch.rand(1, 3, 48, 64, generator=g) * 2 - 1
+    assert rel_err(model.parts.vae.encode(img), vae.encode(img).latent_dist.mean) < 1e-4
+    z = torch.randn(1, 4, 6, 8, generator=g)
+    assert rel_err(model.parts.vae.decode(z), vae.decode(z).sample) < 1e-4

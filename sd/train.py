@@ -186,6 +186,172 @@ def train_vae(args) -> int:
     return 0
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# stage 2: latent diffusion (UNet + text encoder)
+
+
+def load_vae(path: str | Path, device="cpu"):
+    """The stage-1 AutoencoderKL (EMA weights) in eval mode."""
+    from .vae import AutoencoderKL
+
+    vae = AutoencoderKL(DEMO_VAE, device=device)
+    vae.load_state_dict(load_file(str(path)))
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def cache_latents(vae, count: int, seed: int, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Encode `count` training images once: (mean, logvar) each (N, 4, 8, 8) unscaled, and their captions."""
+    means, logvars, captions = [], [], []
+    progress = Progress(math.ceil(count / batch), 0, batch, every=10)
+    for n, start in enumerate(range(0, count, batch)):
+        images, caps = data.make_batch(start, min(batch, count - start), seed=seed)
+        m, lv = vae.encode_moments(to_pixels(images, "cpu").to(next(vae.parameters()).device))
+        means.append(m.float().cpu()), logvars.append(lv.float().cpu()), captions.extend(caps)
+        progress.update(n, 0.0)
+    return torch.cat(means), torch.cat(logvars), captions
+
+
+def tokenize_all(captions: list[str], pad_token: int) -> torch.Tensor:
+    """(N, 77) long tokens of each caption (the real CLIP BPE); identical captions tokenized once."""
+    from .tokenizer import tokenize
+
+    cache: dict[str, torch.Tensor] = {}
+    for c in set(captions):
+        cache[c] = tokenize(c, pad_token)
+    return torch.stack([cache[c] for c in captions])
+
+
+def train_unet(args) -> int:
+    """Stage 2: eps-prediction loss on the SD1 schedule, UNet and text encoder trained jointly.
+
+    Text encoder: the 49408-row token embedding stays at its random init (a fixed code per token; only ~40
+    tokens occur, and an optimizer over the whole table would cost more than the UNet); positions, the
+    transformer layers and the final LayerNorm are trained.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .denoiser import discrete_sigmas
+    from .text import build_text_encoder
+    from .unet import UNetModel
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    cache_path = out / "latents.pt"
+    if cache_path.exists():
+        cache = torch.load(cache_path, map_location="cpu", weights_only=False)
+    else:
+        print(f"encoding {args.images} training images with {args.vae}", file=sys.stderr)
+        mean, logvar, captions = cache_latents(load_vae(args.vae, device), args.images, args.seed + 1)
+        scale = 1.0 / float(mean.std())  # latent * scale has unit std; export folds scale / 0.18215 into quant_conv
+        cache = dict(mean=mean, logvar=logvar, captions=captions, scale=scale)
+        save_state(cache_path, **cache)
+    mean, logvar, scale = cache["mean"], cache["logvar"], cache["scale"]
+    tokens = tokenize_all(cache["captions"], DEMO_TEXT.pad_token)  # (N, 77)
+    empty = tokenize_all([""], DEMO_TEXT.pad_token)  # (1, 77): the unconditional prompt
+    print(f"{len(tokens)} latents, {len(set(cache['captions']))} distinct captions, latent scale {scale:.4f}",
+          file=sys.stderr)
+
+    unet = UNetModel(DEMO_UNET, device=device)
+    text = build_text_encoder(DEMO_TEXT, device=device).train()
+    text.text_model.embeddings.token_embedding.weight.requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text).requires_grad_(False)
+    params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    start = 0
+    state = load_state(out / "state.pt")
+    if state is not None:
+        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+        print(f"resuming UNet training at step {start}", file=sys.stderr)
+
+    sigmas = discrete_sigmas().to(device)  # (1000,) SD1 training sigmas
+    abar = 1 / (sigmas**2 + 1)  # (1000,) alphas_cumprod
+    progress = Progress(args.steps, start, args.batch)
+    n = len(tokens)
+    for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        idx = torch.randint(0, n, (args.batch,))
+        z0 = (mean[idx] + (0.5 * logvar[idx]).exp() * torch.randn(args.batch, 4, 8, 8)) * scale  # (B, 4, 8, 8)
+        tok = tokens[idx].clone()  # (B, 77)
+        tok[torch.rand(args.batch) < args.cond_drop] = empty[0]  # caption dropout -> CFG
+        t = torch.randint(0, 1000, (args.batch,), device=device)  # (B,)
+        eps = torch.randn_like(z0)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z0.to(device) + (1 - a).sqrt() * eps.to(device)  # DDPM forward process
+        with sdpa_kernel([SDPBackend.MATH]):  # faster than the CPU flash kernel at these tiny head sizes
+            context = text(tok.to(device))[0]  # (B, 77, 128)
+            pred = unet(x_t, t.float(), context)  # (B, 4, 8, 8)
+        loss = F.mse_loss(pred, eps.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = ema_decay(step, args.ema)
+        ema_update(ema_unet, unet, decay), ema_update(ema_text, text, decay)
+        progress.update(step, loss.item())
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(out / "state.pt", unet=unet.state_dict(), text=text.state_dict(),
+                       ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(), opt=opt.state_dict(),
+                       step=step + 1, rng=torch.get_rng_state(), scale=scale)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# export: one SD1 single file
+
+
+def rescale_latent(vae_state: dict[str, torch.Tensor], k: float) -> dict[str, torch.Tensor]:
+    """Exact reparametrisation making the latent k times larger: quant_conv's mean rows (weight, bias) * k,
+    its logvar rows' bias + 2 ln k, post_quant_conv's weight / k. decode(encode(x)) is unchanged."""
+    sd = dict(vae_state)
+    w, b = sd["quant_conv.weight"].clone(), sd["quant_conv.bias"].clone()  # (2e, 2z, 1, 1), (2e,)
+    e = w.shape[0] // 2
+    w[:e] *= k
+    b[:e] *= k
+    b[e:] += 2 * math.log(k)
+    sd["quant_conv.weight"], sd["quant_conv.bias"] = w, b
+    sd["post_quant_conv.weight"] = sd["post_quant_conv.weight"] / k  # (z, e, 1, 1)
+    return sd
+
+
+def export(args) -> int:
+    """Write the SD1 file: EMA UNet, EMA text encoder (released CLIP names), VAE with the latent rescaled."""
+    from .text import expected_keys
+
+    state = torch.load(Path(args.unet) / "state.pt", map_location="cpu", weights_only=False)
+    dtype = getattr(torch, args.dtype)
+    k = state["scale"] / SD1_SCALE  # model latent = vae latent * scale = (vae latent * k) * 0.18215
+    tensors: dict[str, torch.Tensor] = {}
+    for name, v in state["ema_unet"].items():
+        tensors["model.diffusion_model." + name] = v
+    text_names = expected_keys(DEMO_TEXT)
+    for name, v in state["ema_text"].items():
+        if name in text_names:
+            tensors[DEMO_TEXT.prefix + name] = v
+    missing = set(text_names) - {n[len(DEMO_TEXT.prefix):] for n in tensors if n.startswith(DEMO_TEXT.prefix)}
+    if missing:
+        raise RuntimeError(f"text encoder state lacks {sorted(missing)}")
+    for name, v in rescale_latent(load_file(args.vae), k).items():
+        tensors["first_stage_model." + name] = v
+    tensors = {n: v.to(dtype).contiguous() for n, v in tensors.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, args.out, metadata={"format": "pt", "sd.demo": "shapes", "latent_rescale": f"{k:.6f}",
+                                           "unet_steps": str(state["step"])})
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {len(tensors)} tensors, {size / 2**20:.1f} MiB, latent rescale k={k:.4f}",
+          file=sys.stderr)
+    return 0
+
 # ----------------------------------------------------------------------------------------------------
 # command line
 

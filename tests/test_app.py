@@ -252,3 +252,17 @@ def test_refiner_hand_off(tiny_files):
     assert models == [(0, "base"), (1, "base"), (2, "refiner"), (3, "refiner")]
     assert half.steps_done == 4 and not half.stopped
     assert not torch.allclose(half.latents, alone.latents)
+
+
+def test_demo_model_is_the_default_with_an_empty_folder(tmp_path, tiny_files):
+    """With nothing in the models folder, SD 1.x offers and selects the demo model (a tiny SD1 file stands in)."""
+    demo = app.build_app(tmp_path / "empty", demo_path=tiny_files("sd1"), outputs_dir=tmp_path / "o")
+    ctx = demo.sd_context
+    assert app.default_choice(ctx, "sd1", []) == app.DEMO_LABEL
+    assert app.tab_choices(ctx, "sd1", []) == [(app.DEMO_LABEL, app.DEMO_LABEL)]
+    assert "Demo (built in)" in app.banner(ctx, []) and "No checkpoint found" in app.banner(ctx, [])
+    up = app.preset_updates(ctx, app.DEMO_LABEL)
+    assert (up["width"], up["height"]) == (64, 64) and "built-in demo" in up["facts"]
+    out = app.run_request(ctx, "sd1", dict(SD1, checkpoint=app.DEMO_LABEL, steps=1), threading.Event(),
+                          lambda *a: None)
+    assert len(out.gallery) == 1 and "Model: sd1," in out.infotext

@@ -147,8 +147,9 @@ def banner(ctx: AppContext, entries: list[Entry]) -> str:
     return text
 
 
-def selection(ctx: AppContext, value: str, prediction: str | None = None):
-    """(path, spec, is_demo) of a dropdown value; detects a .ckpt now and probes an SD 2 file by loading it."""
+def selection(ctx: AppContext, value: str, prediction: str | None = None, probe: bool = True):
+    """(path, spec, is_demo) of a dropdown value; detects a .ckpt now and, with `probe`, decides eps/v of an SD 2
+    file by loading it into the shared cache (the generation that follows needs it loaded anyway)."""
     if value == DEMO_LABEL:
         if not ctx.demo_available():
             raise FileNotFoundError(f"the built-in demo model is missing ({ctx.demo_path})")
@@ -158,19 +159,27 @@ def selection(ctx: AppContext, value: str, prediction: str | None = None):
     if entry.spec is None:
         raise CheckpointError(entry.error or f"{path.name}: not a usable checkpoint")
     spec = entry.spec
-    if spec.prediction_source == "probe" or prediction in ("eps", "v"):
+    if probe and (spec.prediction_source == "probe" or prediction in ("eps", "v")):
         spec = ctx.cache.get(path, ctx.device, ctx.dtype, prediction if prediction in ("eps", "v") else None).spec
     return path, spec, False
 
 
-def preset_updates(ctx: AppContext, value: str, prediction: str | None = None) -> dict:
-    """Tab values from the preset of the selected checkpoint (and its facts)."""
+def preset_updates(ctx: AppContext, value: str, prediction: str | None = None, probe: bool = True,
+                   tab: str | None = None) -> dict:
+    """Tab values from the preset of the selected checkpoint (and its facts; a warning when it belongs elsewhere)."""
     try:
-        path, spec, is_demo = selection(ctx, value, prediction)
+        path, spec, is_demo = selection(ctx, value, prediction, probe)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return {"facts": f"**cannot use this file:** {e}"}
+    facts = describe(spec, path, is_demo)
+    if tab is not None and spec.family not in TAB_FAMILIES[tab]:
+        right = next((t for t, fams in TAB_FAMILIES.items() if spec.family in fams), None)
+        facts = (f"**This is a `{spec.family}` checkpoint: "
+                 + (f"use the {TAB_LABELS[right]} tab.**" if right else "this app cannot run it yet.**")
+                 + "  \n" + facts)
+        return {"facts": facts}
     p = preset_for(spec, ctx.presets, is_demo=is_demo)
-    return {"facts": describe(spec, path, is_demo), "width": p["width"], "height": p["height"], "steps": p["steps"],
+    return {"facts": facts, "width": p["width"], "height": p["height"], "steps": p["steps"],
             "sampler": DISPLAY_NAMES.get(p["sampler"], p["sampler"]),
             "schedule": SCHEDULE_DISPLAY_NAMES.get(p["schedule"], p["schedule"]), "cfg": p["cfg"],
             "original_width": p["width"], "original_height": p["height"], "target_width": p["width"],
@@ -345,7 +354,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
     """The components of one family tab, keyed by name (also the API parameter names)."""
     c: dict = {}
     value = default_choice(ctx, tab, entries)
-    start = preset_updates(ctx, value) if value else {"facts": "*no checkpoint for this tab in the models folder*"}
+    start = preset_updates(ctx, value, probe=False) if value else {"facts": "*no checkpoint for this tab in the models folder*"}
     fallback = ctx.presets["sdxl-base" if tab == "sdxl" else tab]
     get = lambda k: start.get(k, fallback.get(k))  # noqa: E731
     with gr.Row():
@@ -399,7 +408,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
             c["status"] = gr.Markdown("", elem_id=f"{tab}-status")
             c["preview"] = gr.Image(label="Preview", interactive=False, height=160, elem_id=f"{tab}-preview")
             c["gallery"] = gr.Gallery(label="Images", columns=2, elem_id=f"{tab}-gallery", format="png")
-            c["used_seed"] = gr.Number(label="Used seed", precision=0, interactive=False, elem_id=f"{tab}-used-seed")
+            c["used_seed"] = gr.Number(None, label="Used seed", precision=0, interactive=False, elem_id=f"{tab}-used-seed")
             c["infotext"] = gr.Textbox(label="Parameters (PNG info)", lines=3, interactive=False,
                                        elem_id=f"{tab}-infotext")
     _wire_tab(ctx, tab, c)
@@ -470,7 +479,7 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
     fill = [c[k] for k in PRESET_FIELDS if k in c]
 
     def on_select(value, prediction="auto"):
-        up = preset_updates(ctx, value, prediction if prediction in ("eps", "v") else None)
+        up = preset_updates(ctx, value, prediction if prediction in ("eps", "v") else None, tab=tab)
         return [up.get(k, gr.skip()) for k in PRESET_FIELDS if k in c]
 
     pred = [c["prediction"]] if "prediction" in c else []
@@ -545,19 +554,26 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
             if src in settings:
                 up[dst] = settings[src]
     note = ""
+    entries = ctx.index.scan()
     model = settings.get("model")
     if model:
-        match = [e for e in ctx.index.scan() if Path(e.name).stem == model and e.tab in (tab, "unsorted")]
+        match = [e for e in entries if Path(e.name).stem == model and e.tab in (tab, "unsorted")]
         if match:
             up["checkpoint"] = match[0].name
         else:
             note = f"Checkpoint `{model}` is not in the models folder; the tab keeps its current one."
-    return up, note
+    if tab == "sdxl" and settings.get("refiner"):
+        match = [e for e in entries if Path(e.name).stem == settings["refiner"] and e.family == "sdxl-refiner"]
+        if match:
+            up["refiner"] = match[0].name
+        else:
+            note += f" Refiner `{settings['refiner']}` is not in the models folder."
+    return up, note.strip()
 
 
 SEND_KEYS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
              "height", "batch_size", "strength", "original_width", "original_height", "crop_top", "crop_left",
-             "target_width", "target_height", "switch_at", "aesthetic_score", "negative_aesthetic_score")
+             "target_width", "target_height", "refiner", "switch_at", "aesthetic_score", "negative_aesthetic_score")
 
 
 def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict]) -> None:

@@ -46,7 +46,7 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     guided, cond: (B, C, H, W); the std is taken per sample over (C, H, W)."""
     dims = tuple(range(1, guided.ndim))
     std_cond = cond.std(dim=dims, keepdim=True)  # (B,1,1,1)
-    std_guided = guided.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True).clamp_min(1e-12)  # a constant prediction stays finite
     rescaled = guided * (std_cond / std_guided)
     return phi * rescaled + (1 - phi) * guided
 

@@ -7,8 +7,9 @@ builds the first `x` (`noise * sqrt(1 + sigmas[0]**2)`, `noise * sigmas[0]`, or 
 `latent + noise * sigma_start`). DDPM and DDIM are written in this form too, so any family runs any
 sampler. A rectified-flow model (SD3: `x = (1 - sigma) x0 + sigma * noise`) has the same ODE
 `dx/dsigma = (x - D)/sigma`, so the deterministic samplers (euler, heun, dpm_2, lms, dpmpp_2m, uni_pc,
-ddim with eta 0, and the SDE/ancestral ones with eta 0) run it unchanged on `flow_sigmas`; the stochastic
-samplers add noise the variance-exploding way (`x + sigma_up * z`), which is only right for eps/v models.
+ddim with eta 0) run it unchanged on `flow_sigmas`. The stochastic samplers add noise the
+variance-exploding way (`x + sigma_up * z`); `sample(..., flow=True)` runs them on a flow model through
+the equivalent variance-exploding form (`_flow_as_ve`).
 
 Common arguments of every `sample_<name>(denoiser, x, sigmas, *, generator, callback, stop, ...)`:
   denoiser   D(x (B,C,H,W) in the caller's dtype, sigma (B,) float32) -> denoised (B,C,H,W)
@@ -640,16 +641,54 @@ def sampler_from_display(name: str) -> tuple[str, str | None]:
                      "optionally followed by a schedule (Karras, Exponential, SGM Uniform, ...)")
 
 
+FLOW_FIRST_SIGMA = 1 - 1e-4  # where a stochastic sampler starts on a flow model (ComfyUI's offset for sigma 1)
+
+
+def _flow_as_ve(fn: Callable[..., Tensor], denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback, **kw) -> Tensor:
+    """Run a sampler written for `x = x0 + sigma n` on a rectified-flow model `x = (1 - sigma) x0 + sigma n`.
+
+    Dividing by (1 - sigma) turns the flow process into the variance-exploding one with the same data and
+    noise: `x_ve = x / (1 - sigma)`, `sigma_ve = sigma / (1 - sigma)` (so lambda = -log sigma_ve is the
+    half log-SNR log((1 - sigma)/sigma)), `D_ve(x_ve, sigma_ve) = D(x_ve / (1 + sigma_ve), sigma_ve / (1 + sigma_ve))`.
+    Sigma 1 (infinite sigma_ve) is moved to FLOW_FIRST_SIGMA, as ComfyUI does for the same samplers.
+    The callback sees flow sigmas and flow x; the result (sigma 0) is the same in both forms.
+    """
+    sig = sigmas.detach().to("cpu", torch.float64).clone()
+    sig[0] = min(float(sig[0]), FLOW_FIRST_SIGMA)
+    sig_ve = (sig / (1 - sig)).to(torch.float32)  # (n+1,) increasing to large values at the start
+    x_ve = x.float() / (1 - float(sig[0]))
+
+    def den(x_ve: Tensor, s_ve: Tensor) -> Tensor:
+        s_ve = s_ve.double()
+        scale = (1 / (1 + s_ve)).view(-1, *([1] * (x_ve.ndim - 1)))
+        return denoiser((x_ve * scale.to(x_ve.device)).to(x.dtype), (s_ve / (1 + s_ve)).float())
+
+    def cb(d: dict) -> None:
+        s, s_next = d["sigma"] / (1 + d["sigma"]), d["sigma_next"] / (1 + d["sigma_next"])
+        callback(dict(d, sigma=s, sigma_next=s_next, x=d["x"] / (1 + d["sigma_next"])))
+
+    out = fn(den, x_ve, sig_ve, callback=cb if callback is not None else None, **kw)  # float32 state
+    return out.to(x.dtype)
+
+
 def sample(name: str, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
-           stop=None, eta: float | None = None, **opts) -> Tensor:
+           stop=None, eta: float | None = None, flow: bool = False, **opts) -> Tensor:
     """Run the sampler called `name` (a key of SAMPLERS). eta None keeps the sampler's default; samplers
-    without an eta ignore it (as A1111 does). Other options go to the sampler (e.g. s_churn, order)."""
+    without an eta ignore it (as A1111 does). Other options go to the sampler (e.g. s_churn, order).
+
+    flow=True says the denoiser is a rectified-flow model (SD3) and `sigmas` flow sigmas: the ODE samplers
+    run on it unchanged (the same ODE; this is what the SD3 reference code does), the ones that draw noise
+    run through the equivalent variance-exploding form (`_flow_as_ve`) so their noise is right.
+    """
     fn = SAMPLERS.get(name)
     if fn is None:
         raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)} "
                          "(use sampler_from_display for A1111 names)")
     if eta is not None and "eta" in inspect.signature(fn).parameters:
         opts["eta"] = eta
+    noisy = name in STOCHASTIC or opts.get("eta") or opts.get("s_churn")
+    if flow and noisy:
+        return _flow_as_ve(fn, denoiser, x, sigmas, callback, generator=generator, stop=stop, **opts)
     return fn(denoiser, x, sigmas, generator=generator, callback=callback, stop=stop, **opts)
 
 

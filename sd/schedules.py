@@ -154,8 +154,10 @@ SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
 
 
 def get_sigmas(schedule: str, model_sigmas: Tensor, steps: int) -> Tensor:
-    """Sigmas of the named schedule: (steps + 1,) float32 CPU, decreasing, ending in 0."""
-    fn = SCHEDULES.get(schedule)
+    """Sigmas of the named schedule: (steps + 1,) float32 CPU, decreasing, ending in 0.
+    `schedule` is a key of SCHEDULES or its A1111 label ("Karras", "SGM Uniform"), any case."""
+    by_label = {v.lower(): k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
+    fn = SCHEDULES.get(schedule) or SCHEDULES.get(by_label.get(str(schedule).strip().lower(), ""))
     if fn is None:
         raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     return fn(model_sigmas.detach().to("cpu", torch.float32), steps)

@@ -143,7 +143,7 @@ def test_stop_through_the_api_and_next_run(client):
                 seen = max(seen, int(out[2].split()[1].split("/")[0]))
         time.sleep(0.05)
     assert seen >= 6
-    assert any(isinstance(o[1], dict) and o[1].get("path") for o in job.outputs())  # a live preview was sent
+    assert any(isinstance(o[1], str) and Path(o[1]).is_file() for o in job.outputs())  # a live preview was sent
     client.predict(api_name="/stop_sd1")
     observed = max(int(o[2].split()[1].split("/")[0]) for o in job.outputs()
                    if isinstance(o[2], str) and o[2].startswith("step "))
@@ -190,6 +190,8 @@ def test_send_to_tab_values(server):
         "sd1.safetensors", "DPM++ 2M", "Karras", 9, 4.5) and note == ""
     up, note = app.send_values(ctx, "sdxl", dict(settings, model="missing"))
     assert up["crop_top"] == 8 and "checkpoint" not in up and "missing" in note
+    up, note = app.send_values(ctx, "sdxl", dict(settings, model="sdxl", refiner="gone", refiner_switch_at=0.7))
+    assert (up["checkpoint"], up["switch_at"]) == ("Stable-diffusion/sdxl.safetensors", 0.7) and "gone" in note
 
 
 def test_empty_models_folder_starts_fast(tmp_path):
@@ -266,3 +268,22 @@ def test_demo_model_is_the_default_with_an_empty_folder(tmp_path, tiny_files):
     out = app.run_request(ctx, "sd1", dict(SD1, checkpoint=app.DEMO_LABEL, steps=1), threading.Event(),
                           lambda *a: None)
     assert len(out.gallery) == 1 and "Model: sd1," in out.infotext
+
+
+def test_sd2_facts_say_what_decided_the_prediction(tmp_path, tiny_files):
+    """Listing an SD 2 file does not load it; selecting it runs the probe; the override picks the 768-v preset."""
+    (tmp_path / "m").mkdir()
+    os.symlink(tiny_files("sd2_768_v"), tmp_path / "m" / "sd2.safetensors")
+    demo = app.build_app(tmp_path / "m", demo_path=None, outputs_dir=tmp_path / "o")
+    ctx = demo.sd_context
+    listed = app.preset_updates(ctx, "sd2.safetensors", probe=False)
+    assert "`eps or v`: decided by A1111's probe" in listed["facts"] and ctx.cache.loaded() == []
+    picked = app.preset_updates(ctx, "sd2.safetensors")
+    assert "A1111 probe on the UNet" in picked["facts"] and len(ctx.cache.loaded()) == 1
+    forced = app.preset_updates(ctx, "sd2.safetensors", prediction="v")
+    assert "`v`: user override" in forced["facts"] and (forced["width"], forced["height"]) == (768, 768)
+
+
+def test_selecting_a_file_of_another_family_says_which_tab(server):
+    up = app.preset_updates(server[2].sd_context, "Stable-diffusion/sdxl.safetensors", tab="sd1")
+    assert up == {"facts": up["facts"]} and "use the SDXL tab" in up["facts"]

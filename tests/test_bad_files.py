@@ -1,12 +1,10 @@
 """Bad input gives a one-line error naming the problem, never a traceback, and never runs code from a pickle."""
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 

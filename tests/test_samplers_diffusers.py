@@ -11,10 +11,8 @@ stochastic ones the same CPU generator seed. The final samples agree within 1e-4
 from __future__ import annotations
 
 import math
-import sys
-import types
 
-import numpy as np
+import diffusers
 import pytest
 import torch
 
@@ -23,7 +21,6 @@ from sd.samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler
                          sample_heun, sample_lms, sample_uni_pc)
 from sd.schedules import get_sigmas
 
-diffusers = pytest.importorskip("diffusers")  # a declared test dependency (requirements-test.txt)
 
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 TOL = 1e-4
@@ -98,26 +95,11 @@ def test_heun_matches_heun_discrete():
     assert max_diff(ours, ref) < TOL
 
 
-def _quad_shim():
-    """scipy is not a dependency of this project; diffusers' LMS only uses `integrate.quad(f, a, b, epsrel)`
-    on Lagrange polynomials of degree <= 3, which 8-point Gauss-Legendre integrates exactly."""
-    nodes, weights = np.polynomial.legendre.leggauss(8)
+def test_lms_matches_lms_discrete():
+    """LMSDiscreteScheduler(use_karras_sigmas=True), order 4 (its default; it integrates with scipy)."""
+    from diffusers import LMSDiscreteScheduler
 
-    def quad(f, a, b, epsrel=None):
-        xs = (a + b) / 2 + (b - a) / 2 * nodes
-        return (float((b - a) / 2 * sum(w * float(f(float(x))) for w, x in zip(weights, xs))), 0.0)
-
-    return types.SimpleNamespace(quad=quad)
-
-
-def test_lms_matches_lms_discrete(monkeypatch):
-    """LMSDiscreteScheduler(use_karras_sigmas=True), order 4 (its default). Without scipy, `diffusers`
-    exports a placeholder, so the class is taken from its module and given the quadrature shim."""
-    from diffusers.schedulers import scheduling_lms_discrete as mod
-
-    if not hasattr(mod, "integrate"):
-        monkeypatch.setattr(mod, "integrate", _quad_shim(), raising=False)
-    sch = mod.LMSDiscreteScheduler(**BETAS, use_karras_sigmas=True)
+    sch = LMSDiscreteScheduler(**BETAS, use_karras_sigmas=True)
     sch.set_timesteps(15)
     ts = train_sigmas_of(sch)
     sigmas = get_sigmas("karras", ts, 15)

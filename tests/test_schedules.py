@@ -28,6 +28,12 @@ def test_unknown_schedule_names_choices():
         get_sigmas("karas", MS, 10)
 
 
+def test_a1111_labels():
+    assert torch.equal(get_sigmas("Karras", MS, 10), get_sigmas("karras", MS, 10))
+    assert torch.equal(get_sigmas("SGM Uniform", MS, 10), get_sigmas("sgm_uniform", MS, 10))
+    assert torch.equal(get_sigmas("DDIM", MS, 10), get_sigmas("ddim_uniform", MS, 10))
+
+
 def test_normal_is_uniform_in_timestep():
     s = get_sigmas("normal", MS, 10)  # timesteps 999, 888, ..., 0: integers, so exact training sigmas
     torch.testing.assert_close(s[:-1], MS[list(range(999, -1, -111))], rtol=1e-6, atol=0)  # exp(log) rounding

@@ -161,3 +161,23 @@ def summarize(scores: list[dict[str, bool]]) -> dict[str, float]:
     out = {k: sum(s[k] for s in scores) / n for k in ("color", "background", "shape", "position")}
     out["colors"] = sum(s["color"] and s["background"] for s in scores) / n
     return out
+
+
+def evaluate(model, cfg: float, count: int | None = None, seeds: tuple[int, ...] = (1,), steps: int = 20,
+             sampler: str = "euler") -> tuple[dict[str, float], list[dict]]:
+    """Generate every held-out prompt (the first `count`) once per seed through the public pipeline
+    (`sd.pipeline.generate`, 64x64) and score the images. Returns (summary, rows); each row holds the
+    prompt, seed, image, analysis and per-attribute scores."""
+    from sd.pipeline import GenerateParams, generate
+
+    from .data import held_out_prompts
+
+    rows = []
+    for prompt, target, background in held_out_prompts(count):
+        for seed in seeds:
+            params = GenerateParams(prompt=prompt, negative_prompt="", width=64, height=64, steps=steps, cfg=cfg,
+                                    seed=seed, sampler=sampler, schedule="normal", batch_size=1)
+            image = generate(model, params).images[0]
+            rows.append(dict(prompt=prompt, seed=seed, image=image, analysis=analyze(image),
+                             score=score(image, target, background)))
+    return summarize([r["score"] for r in rows]), rows

@@ -27,7 +27,7 @@ from .denoiser import discrete_sigmas, make_denoiser
 from .detect import detect
 from .guidance import cfg_denoiser
 from .loader import Components, load_components, probe_is_v
-from .samplers import sample
+from .samplers import img2img_start, sample
 from .schedules import get_sigmas
 
 Tensor = torch.Tensor
@@ -187,31 +187,38 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
-@torch.no_grad()
-def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
-             stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
-    """Text (and optionally image) to images with one loaded checkpoint."""
-    spec = model.spec
-    check_params(spec, p)
+def guided_denoiser(model: LoadedModel, p: GenerateParams) -> Callable[[Tensor, Tensor], Tensor]:
+    """The request's conditioning (prompt, negative, SDXL sizes) encoded and wrapped in CFG: D(x, sigma)."""
     sizes = SDXLSizes(original=p.sdxl_original_size or (p.height, p.width), crop=tuple(p.sdxl_crop),
                       target=p.sdxl_target_size or (p.height, p.width), aesthetic=p.aesthetic_score,
                       negative_aesthetic=p.negative_aesthetic_score)
-    cond, uncond = encode_conditions(model.parts.text_encoders, spec, p.prompt, p.negative_prompt, p.batch_size,
-                                     sizes=sizes, clip_skip=p.clip_skip)
+    cond, uncond = encode_conditions(model.parts.text_encoders, model.spec, p.prompt, p.negative_prompt,
+                                     p.batch_size, sizes=sizes, clip_skip=p.clip_skip)
+    den = make_denoiser(_unet_net(model.parts.unet), model.spec.prediction, model.sigmas)
+    return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+
+
+def start_latent(model: LoadedModel, p: GenerateParams) -> tuple[Tensor, Tensor]:
+    """(x, sigmas): the schedule (truncated for img2img) and the noisy starting latent by the pinned conventions."""
+    spec = model.spec
     sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)  # (steps + 1,)
     shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
     noise = p.initial_latent.float() if p.initial_latent is not None else initial_noise(p.seed, shape)
     if p.init_image is not None:
-        from .samplers import img2img_start
-
         sigmas = img2img_start(sigmas, p.strength)
-        z0 = encode_image(model, p.init_image, p.width, p.height).expand(shape)
-        x = z0 + noise * sigmas[0]
+        x = encode_image(model, p.init_image, p.width, p.height).expand(shape) + noise * sigmas[0]
     else:
         x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
-    x = x.to(model.device, model.dtype)
-    den = make_denoiser(_unet_net(model.parts.unet), spec.prediction, model.sigmas)
-    guided = cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+    return x.to(model.device, model.dtype), sigmas
+
+
+@torch.no_grad()
+def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
+             stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
+    """Text (and optionally image) to images with one loaded checkpoint."""
+    check_params(model.spec, p)
+    guided = guided_denoiser(model, p)
+    x, sigmas = start_latent(model, p)
     done = {"n": 0}
 
     def on_step(info: dict) -> None:
@@ -224,7 +231,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
                      eta=p.eta)
     stopped = done["n"] < len(sigmas) - 1
     images = decode_latents(model, latents)
-    return GenerateResult(images, latents.float().cpu(), p.seed, spec, stopped=stopped, steps_done=done["n"])
+    return GenerateResult(images, latents.float().cpu(), p.seed, model.spec, stopped=stopped, steps_done=done["n"])
 
 
 class ModelCache:

@@ -15,13 +15,8 @@ from typing import Callable
 
 import torch
 
-from .conditioning import SDXLSizes, encode_conditions
-from .denoiser import make_denoiser
-from .guidance import cfg_denoiser
-from .pipeline import (GenerateParams, GenerateResult, LoadedModel, _unet_net, check_params, decode_latents,
-                       encode_image, initial_noise)
-from .samplers import _stopped, img2img_start, sample
-from .schedules import get_sigmas
+from .pipeline import GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents, guided_denoiser, start_latent
+from .samplers import _stopped, sample
 
 Tensor = torch.Tensor
 
@@ -31,17 +26,6 @@ def switch_index(steps: int, switch_at: float) -> int:
     if not 0.0 <= switch_at <= 1.0:
         raise ValueError(f"switch_at must be in [0, 1], got {switch_at}")
     return min(steps, max(0, int(math.floor(steps * switch_at + 0.5))))
-
-
-def _guided(model: LoadedModel, p: GenerateParams):
-    """The CFG-wrapped denoiser of one model with its own conditioning for the request."""
-    sizes = SDXLSizes(original=p.sdxl_original_size or (p.height, p.width), crop=tuple(p.sdxl_crop),
-                      target=p.sdxl_target_size or (p.height, p.width), aesthetic=p.aesthetic_score,
-                      negative_aesthetic=p.negative_aesthetic_score)
-    cond, uncond = encode_conditions(model.parts.text_encoders, model.spec, p.prompt, p.negative_prompt,
-                                     p.batch_size, sizes=sizes, clip_skip=p.clip_skip)
-    den = make_denoiser(_unet_net(model.parts.unet), model.spec.prediction, model.sigmas)
-    return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
 
 
 @torch.no_grad()
@@ -55,15 +39,7 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
                          f"and {refiner.spec.family}")
     check_params(base.spec, p)
     check_params(refiner.spec, p)
-    sigmas = get_sigmas(p.schedule, base.sigmas, p.steps)  # (steps + 1,)
-    lat = base.spec.latent
-    shape = (p.batch_size, lat.channels, p.height // lat.factor, p.width // lat.factor)
-    noise = p.initial_latent.float() if p.initial_latent is not None else initial_noise(p.seed, shape)
-    if p.init_image is not None:
-        sigmas = img2img_start(sigmas, p.strength)
-        x = encode_image(base, p.init_image, p.width, p.height).expand(shape) + noise * sigmas[0]
-    else:
-        x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    x, sigmas = start_latent(base, p)  # one schedule for both: they share the SDXL training sigmas
     total = len(sigmas) - 1
     k = switch_index(total, switch_at)
     gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)
@@ -79,7 +55,7 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
             if callback is not None:
                 callback({**info, "step": offset + info["step"], "total": total, "model": name})
 
-        x = sample(p.sampler, _guided(model, p), x.to(model.device, model.dtype), part.to(model.device),
+        x = sample(p.sampler, guided_denoiser(model, p), x.to(model.device, model.dtype), part.to(model.device),
                    generator=gen, callback=on_step, stop=stop, eta=p.eta)
         last = model
     images = decode_latents(last, x)

@@ -8,7 +8,7 @@ Stage 1 (vae): AutoencoderKL on the procedural shapes (`sd.demo.data`), L1 recon
 sample + a small KL term (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models",
 without the perceptual and adversarial terms). Stage 2 (unet): latents of a fixed set of images are cached once;
 the UNet and a small CLIP-L-architecture text encoder are trained jointly with the LDM eps objective
-(Ho et al. 2020, "Denoising Diffusion Probabilistic Models") on the SD1 discrete schedule, with 10% caption
+(Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; min-SNR-5 weighted) on the SD1 schedule, with 10% caption
 dropout to the empty prompt for classifier-free guidance (Ho & Salimans 2022). Both stages: AdamW with linear
 warmup then cosine decay, an EMA of the weights, a checkpoint every `--save-every` steps that a rerun of the
 same command resumes from, and a progress line with loss and speed. Export writes the EMA weights under the
@@ -35,7 +35,9 @@ from .demo import data
 
 SD1_SCALE = 0.18215
 # Demo architecture (small widths, SD1 structure). Changing these changes the shipped file's shapes.
-DEMO_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+# 64 channels at full resolution, not 32: with GroupNorm(32) a 32-wide layer is an instance norm per channel,
+# which erases absolute colors right before the decoder's conv_out (flat shapes then train very slowly).
+DEMO_VAE = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 DEMO_TEXT = TextEncoderConfig(naming="hf", prefix="cond_stage_model.transformer.", width=128, layers=2,
                               heads=2, mlp=512, act="quick_gelu")
 DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
@@ -153,8 +155,12 @@ def train_vae(args) -> int:
     model = AutoencoderKL(DEMO_VAE, device=device).to(memory_format=torch.channels_last)  # faster CPU convs
     with torch.no_grad():  # start with a small posterior std (e^-3): a noisy latent slows early training
         model.quant_conv.bias[DEMO_VAE.embed_dim:] = -6.0
+    if args.decoder_only:  # SD's "ft-MSE" recipe: the latent space (encoder) is fixed, the decoder improves
+        model.load_state_dict(load_file(args.decoder_only))
+        model.encoder.requires_grad_(False), model.quant_conv.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
     state = load_state(out / "state.pt")
     if state is not None:
@@ -170,13 +176,14 @@ def train_vae(args) -> int:
         n = max(2, args.batch // 2) if full else args.batch  # a whole image costs 4 crops
         x = vae_batch(step * args.batch, n, args.seed, None if full else args.crop)
         x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
-        mean, logvar = model.encode_moments(x)  # (B, 4, 8, 8) each
+        with torch.set_grad_enabled(not args.decoder_only):
+            mean, logvar = model.encode_moments(x)  # (B, 4, 8, 8) each
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         rec = model.decode(z)  # (B, 3, 64, 64)
         loss = (rec - x).abs().mean() + args.kl_weight * kl_loss(mean, logvar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         ema_update(ema, model, ema_decay(step, args.ema))
         progress.update(step, loss.item())
@@ -232,8 +239,6 @@ def train_unet(args) -> int:
     tokens occur, and an optimizer over the whole table would cost more than the UNet); positions, the
     transformer layers and the final LayerNorm are trained.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from .denoiser import discrete_sigmas
     from .text import build_text_encoder
     from .unet import UNetModel
@@ -290,10 +295,13 @@ def train_unet(args) -> int:
         eps = torch.randn_like(z0)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0.to(device) + (1 - a).sqrt() * eps.to(device)  # DDPM forward process
-        with sdpa_kernel([SDPBackend.MATH]):  # faster than the CPU flash kernel at these tiny head sizes
-            context = text(tok.to(device))[0]  # (B, 77, 128)
-            pred = unet(x_t, t.float(), context)  # (B, 4, 8, 8)
-        loss = F.mse_loss(pred, eps.to(device))
+        context = text(tok.to(device))[0]  # (B, 77, 128)
+        pred = unet(x_t, t.float(), context)  # (B, 4, 8, 8)
+        # min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"):
+        # eps loss times min(SNR, gamma) / SNR; the easy low-noise steps stop dominating a short run
+        snr = (abar[t] / (1 - abar[t])).view(-1)  # (B,)
+        weight = snr.clamp(max=args.min_snr) / snr if args.min_snr > 0 else torch.ones_like(snr)
+        loss = (weight * (pred - eps.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -376,16 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads; 1 is far faster on a shared CPU (idle OpenMP threads spin), 0 = default")
 
     v = sub.add_parser("vae", help="stage 1: train the KL autoencoder")
-    common(v, steps=1200, batch=16, lr=2e-3, warmup=50, ema=0.99, save_every=100)
+    common(v, steps=600, batch=16, lr=2e-3, warmup=30, ema=0.98, save_every=50)
     v.add_argument("--kl-weight", type=float, default=1e-5)
+    v.add_argument("--decoder-only", default="", metavar="VAE",
+                   help="fine-tune only the decoder of this vae.safetensors (encoder frozen: latents unchanged)")
     v.add_argument("--crop", type=int, default=32, help="crop side for most steps (multiple of 8)")
     v.add_argument("--full-from", type=float, default=0.5, help="fraction of steps after which images are whole")
 
     u = sub.add_parser("unet", help="stage 2: train UNet + text encoder on cached latents")
-    common(u, steps=3000, batch=64, lr=1e-3, warmup=100, ema=0.995, save_every=100)
+    common(u, steps=1300, batch=64, lr=1e-3, warmup=50, ema=0.995, save_every=50)
     u.add_argument("--vae", required=True, help="vae.safetensors from stage 1")
-    u.add_argument("--images", type=int, default=12000, help="training images whose latents are cached")
+    u.add_argument("--images", type=int, default=8000, help="training images whose latents are cached")
     u.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    u.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: plain eps MSE)")
 
     e = sub.add_parser("export", help="write the SD1 single file from the two stages")
     e.add_argument("--vae", required=True)

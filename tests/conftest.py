@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints in the released key layouts, written once per test session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from .tiny import write_tiny
 
 # Tiny models are dominated by per-op overhead: one thread is faster, and stays fast when cores are shared.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the `python -m sd` / app.py subprocesses of the tests
 
 
 @pytest.fixture(scope="session")

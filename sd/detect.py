@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from functools import lru_cache
 
 from .checkpoint import CheckpointError
 from .config import LatentFormat, ModelSpec, TextEncoderConfig, UNetConfig, VAEConfig
@@ -20,11 +21,6 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 SDXL_FOURIER = 256  # width of each SDXL size/crop/aesthetic embedding
 
-# Prediction type per family where the family alone decides it (the released yaml files); sd2 needs the probe.
-FAMILY_PREDICTION = {
-    "sd1": "eps", "sd1-inpaint": "eps", "sd2-inpaint": "eps", "sd2-depth": "eps", "sd2-x4-upscaler": "v",
-    "sd2-unclip-h": "v", "sd2-unclip-l": "v", "sdxl-base": "eps", "sdxl-refiner": "eps", "sdxl-inpaint": "eps",
-}
 LATENTS = {
     "sd": LatentFormat(0.18215, 0.0, 4, 8),
     "sdxl": LatentFormat(0.13025, 0.0, 4, 8),
@@ -267,6 +263,20 @@ def decide_prediction(family: str, shapes: Shapes, override: str | None) -> tupl
         return override, "user override"
     if "v_pred" in shapes:
         return "v", "v_pred marker key in the file"
-    if family in FAMILY_PREDICTION:
-        return FAMILY_PREDICTION[family], f"the {family} preset (all released {family} files use it)"
+    known = preset_predictions()
+    if family in known:
+        return known[family], f"the {family} preset (all released {family} files use it)"
     return "eps", "probe"
+
+
+@lru_cache(maxsize=1)
+def preset_predictions() -> dict[str, str]:
+    """family -> prediction type, for the families whose presets (presets/*.json) all agree on one. SD 2.x has an
+    eps preset (512) and a v preset (768) for the same layout, so it is left to the probe."""
+    from .presets import load_presets
+
+    seen: dict[str, set[str]] = {}
+    for preset in load_presets().values():
+        for fam in preset["families"]:
+            seen.setdefault(fam, set()).add(preset["prediction"])
+    return {fam: preds.pop() for fam, preds in seen.items() if len(preds) == 1}

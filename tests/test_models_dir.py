@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd.detect import FAMILY_PREDICTION
+from sd.detect import preset_predictions
 from sd.models_dir import ModelIndex, by_tab, checkpoint_files, resolve_models_dir
 from sd.presets import load_presets, preset_for
 from sd.preview import SD_FACTORS, SDXL_BIAS, SDXL_FACTORS, latent_to_rgb, preview_every, preview_image
@@ -82,9 +82,10 @@ def test_presets_are_complete_and_agree_with_detection():
     for p in presets.values():
         assert p["sampler"] in SAMPLERS and p["schedule"] in SCHEDULES, p["name"]
         assert p["width"] % 8 == 0 and p["height"] % 8 == 0
-        for fam in p["families"]:
-            if fam in FAMILY_PREDICTION and p["name"] != "demo":
-                assert p["prediction"] == FAMILY_PREDICTION[fam], p["name"]
+    # detection takes the prediction type from the presets wherever they agree; SD 2.x (eps 512 / v 768) is probed
+    known = preset_predictions()
+    assert known["sd1"] == "eps" and known["sdxl-base"] == "eps" and known["sd2-x4-upscaler"] == "v"
+    assert known["sd2-unclip-h"] == "v" and "sd2" not in known
     assert (presets["sd2-v"]["width"], presets["sdxl-base"]["width"], presets["demo"]["width"]) == (768, 1024, 64)
     assert presets["sdxl-base"]["latent"]["scale"] == 0.13025 and presets["sd3"]["latent"]["channels"] == 16
     assert preset_for(None, presets, family="sd2")["name"] == "sd2"

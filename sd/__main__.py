@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -23,9 +24,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import open_checkpoint
-    from .detect import UNET, detect
-    from .loader import _load, account_keys, check_report, probe_is_v
-    from .unet import UNetModel
+    from .detect import detect
+    from .loader import account_keys, check_report, load_unet, probe_is_v
 
     ckpt = open_checkpoint(args.checkpoint)
     shapes = ckpt.shapes()
@@ -34,10 +34,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     check_report(rep, ckpt.path.name)
     prediction, source = spec.prediction, spec.prediction_source
     if source == "probe":
-        unet = _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", "cpu", None)
-        prediction = "v" if probe_is_v(unet) else "eps"
+        prediction = "v" if probe_is_v(load_unet(ckpt, spec)) else "eps"
         source = "A1111 probe on the UNet (constant input at t=999)"
-    numel = lambda keys: sum(_prod(shapes[k]) for k in keys)  # noqa: E731
+    numel = lambda keys: sum(math.prod(shapes[k]) for k in keys)  # noqa: E731
     ignored: dict[str, int] = {}
     for why in rep.ignored.values():
         ignored[why] = ignored.get(why, 0) + 1
@@ -58,13 +57,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=1))
     return 0
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -91,7 +83,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         params.init_image = Image.open(args.init_image)
         params.strength = args.strength
-    total = args.steps
 
     def progress(info: dict) -> None:
         print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
@@ -110,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         save_file({"latent": result.latents.contiguous()}, args.save_latent)
     print(json.dumps({"images": paths, "family": model.spec.family, "prediction": model.spec.prediction,
-                      "seed": args.seed, "steps": total}))
+                      "seed": args.seed, "steps": args.steps}))
     return 0
 
 

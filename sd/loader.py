@@ -118,11 +118,16 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> UNetModel:
+    """Only the UNet of a file (what `inspect` needs for the prediction probe)."""
+    return _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", device, dtype)
+
+
 def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> Components:
     """Build every model of `spec` on the meta device and load the file's tensors into it (strict)."""
     rep = account_keys(ckpt.shapes(), spec)
     check_report(rep, ckpt.path.name)
-    unet = _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", device, dtype)
+    unet = load_unet(ckpt, spec, device, dtype)
     vae = None
     if spec.vae is not None:
         vae_tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}

@@ -15,9 +15,7 @@ from sd.text import (build_text_encoder, clip_l_config, encode_prompt, expected_
                      load_text_encoder_weights, openclip_bigg_config, openclip_h_config)
 from sd.tokenizer import (EOT, SOT, encode, parse_prompt_attention, tokenize, tokenize_weighted)
 
-KEYS_DIR = Path("/work/shared/reference/checkpoint-keys")
-if not KEYS_DIR.is_dir():
-    KEYS_DIR = Path(__file__).resolve().parents[2] / "shared/reference/checkpoint-keys"
+from .tiny import REFERENCE_DIR as KEYS_DIR
 
 SENTENCE = "A photo of an astronaut riding a horse, 4k!"
 SENTENCE_IDS = [320, 1125, 539, 550, 18376, 6765, 320, 4558, 267, 275, 330, 256]   # open_clip.tokenize

@@ -1,7 +1,7 @@
 """Tests of `sd.unet.UNetModel` and `sd.vae.AutoencoderKL`.
 
 1. Layout: built on the meta device, the state-dict names and shapes equal the released checkpoints'
-   (`/work/shared/reference/checkpoint-keys/*.json`, prefix stripped).
+   (`tests/data/checkpoint-keys/*.json`, prefix stripped).
 2. Parity: tiny random models, converted with diffusers' single-file converters and loaded strictly into
    diffusers' UNet2DConditionModel / AutoencoderKL, give the same outputs (float32, CPU).
 """
@@ -18,9 +18,7 @@ from sd.config import UNetConfig, VAEConfig
 from sd.unet import UNetModel, timestep_embedding, unet_config_for
 from sd.vae import AutoencoderKL, vae_config_for
 
-KEYS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "checkpoint-keys"
-if not KEYS_DIR.is_dir():
-    KEYS_DIR = Path("/work/shared/reference/checkpoint-keys")
+from .tiny import REFERENCE_DIR as KEYS_DIR
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -1,6 +1,6 @@
 """Tiny random checkpoints in the exact key layout of the released files, for tests and the app's test fixtures.
 
-`tiny_state_dict(name)` takes the spec detected from `../shared/reference/checkpoint-keys/<name>.json`, keeps its
+`tiny_state_dict(name)` takes the spec detected from `tests/data/checkpoint-keys/<name>.json`, keeps its
 structure (levels, blocks, depths, layers: so every key name is the released one) and shrinks the widths
 (UNet 32/64 channels, text towers 64 wide, VAE 32). Extra tensors the released file carries (schedule buffers,
 position_ids, the SGM sigma table) are added too, so the key set equals the reference list.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from sd.config import ModelSpec
 from sd.detect import SDXL_FOURIER, detect
 from sd.loader import expected_tensors
 
-REFERENCE_DIR = Path(os.environ.get("SD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys"))
+# The released key lists (copied from the reference repository into tests/data: names and shapes only).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "checkpoint-keys"
 TEXT_WIDTH = 64
 
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command of README.md, self-sufficient on a fresh clone: installs what the tests need, then runs pytest.
+#   bash test.sh [pytest args]
+# - Debian's chromium for the real-browser test (apt-get; the playwright package cannot download a browser here);
+# - a virtual environment .venv with requirements-test.txt (runtime packages + diffusers and the other references).
+# The released key lists the tests compare against are in tests/data/checkpoint-keys/ (nothing outside the repository).
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser test will fail" >&2
+  elif command -v sudo >/dev/null 2>&1; then
+    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser test will fail" >&2
+  else
+    echo "warning: chromium is missing and this user cannot apt-get install it; the browser test will fail" >&2
+  fi
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -r requirements-test.txt
+exec .venv/bin/python -m pytest "$@"

@@ -13,9 +13,11 @@ text (`sd.pnginfo`), which the PNG Info tab reads back and sends to the right ta
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import queue
 import random
+import secrets
 import sys
 import threading
 import traceback
@@ -25,13 +27,14 @@ from pathlib import Path
 import gradio as gr
 
 from sd.checkpoint import CheckpointError
-from sd.models_dir import Entry, ModelIndex, by_tab, resolve_models_dir
+from sd.models_dir import Entry, ModelIndex, NotInModelsFolder, by_tab, resolve_models_dir
 from sd.pipeline import GenerateParams, LoadedModel, ModelCache, generate, parse_dtype
 from sd.pnginfo import build_parameters, guess_tab, parse_parameters, read_parameters, save_png, to_settings
 from sd.presets import load_presets, preset_for
 from sd.preview import preview_every, preview_image
 from sd.samplers import DISPLAY_NAMES
 from sd.schedules import SCHEDULE_DISPLAY_NAMES
+from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
@@ -143,8 +146,19 @@ def banner(ctx: AppContext, entries: list[Entry]) -> str:
             text += f" Meanwhile the SD 1.x tab runs the **{DEMO_LABEL}** model with its example prompts."
     bad = groups.get("unusable", [])
     if bad:
-        text += "  \nNot listed: " + "; ".join(f"`{e.name}`: {e.error}" for e in bad[:10])
+        text += "  \nNot listed: " + "; ".join(f"`{e.name}`: {_without_name(e.error or '', e.path.name)}"
+                                           for e in bad[:10])
+        if len(bad) > 10:
+            text += f"; and {len(bad) - 10} more"
     return text
+
+
+def _without_name(error: str, file_name: str) -> str:
+    """A file's error without the leading "NAME: " the checkpoint reader puts there (the banner names it already)."""
+    return error[len(file_name) + 2:] if error.startswith(file_name + ": ") else error
+
+
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError)  # shown in one line, never logged with a traceback
 
 
 def selection(ctx: AppContext, value: str, prediction: str | None = None, probe: bool = True):
@@ -169,7 +183,7 @@ def preset_updates(ctx: AppContext, value: str, prediction: str | None = None, p
     """Tab values from the preset of the selected checkpoint (and its facts; a warning when it belongs elsewhere)."""
     try:
         path, spec, is_demo = selection(ctx, value, prediction, probe)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         return {"facts": f"**cannot use this file:** {e}"}
     facts = describe(spec, path, is_demo)
     if tab is not None and spec.family not in TAB_FAMILIES[tab]:
@@ -186,6 +200,13 @@ def preset_updates(ctx: AppContext, value: str, prediction: str | None = None, p
             "target_height": p["height"], "crop_top": 0, "crop_left": 0}
 
 
+def select_updates(ctx: AppContext, tab: str, value: str, touched, prediction: str = "auto") -> dict:
+    """What picking a checkpoint changes in a tab: its facts, and the preset's values for the fields the user has
+    not set by hand (`touched`: names of fields typed in, or sent from PNG Info, in this session)."""
+    up = preset_updates(ctx, value, prediction if prediction in ("eps", "v") else None, tab=tab)
+    return {k: v for k, v in up.items() if k == "facts" or k not in set(touched or ())}
+
+
 # ------------------------------------------------------------------------------------------------
 # Running a request
 
@@ -199,24 +220,88 @@ def _name(display: str, table: dict[str, str], internal: dict) -> str:
     raise ValueError(f"unknown choice {display!r}; expected one of {', '.join(table)}")
 
 
+MAX_PROMPT_CHARS = 20_000   # about 50 chunks of 75 tokens; longer texts are refused before tokenizing
+MAX_BATCH_COUNT = 100
+# What an API call that leaves a parameter out gets, after the checkpoint's preset (see fill_defaults).
+PLAIN_DEFAULTS = {"prompt": "", "negative_prompt": "", "seed": -1, "batch_size": 1, "batch_count": 1,
+                  "strength": 0.75, "prediction": "auto", "crop_top": 0, "crop_left": 0, "refiner": NO_REFINER,
+                  "switch_at": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+
+
+def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
+    """A request with every parameter it left out (None) filled in: the checkpoint the tab shows first, then that
+    checkpoint's preset (size, steps, sampler, schedule, CFG), then the plain defaults above; SDXL's original and
+    target sizes follow the output size, as in the form."""
+    s = dict(s)
+    if not s.get("checkpoint"):
+        s["checkpoint"] = default_choice(ctx, tab, ctx.index.scan())
+        if s["checkpoint"] is None:
+            raise ValueError(f"no checkpoint for the {TAB_LABELS[tab]} tab in the models folder; put one there "
+                             "and press Refresh")
+    if any(v is None for k, v in s.items() if k not in PLAIN_DEFAULTS and k != "init_image"):
+        pred = s.get("prediction") if s.get("prediction") in ("eps", "v") else None
+        preset = preset_updates(ctx, s["checkpoint"], pred, tab=tab)
+        for k in ("width", "height", "steps", "sampler", "schedule", "cfg"):
+            if s.get(k, 0) is None:
+                if k not in preset:
+                    raise ValueError(preset["facts"].replace("**", ""))
+                s[k] = preset[k]
+    for k, v in PLAIN_DEFAULTS.items():
+        if k in s and s[k] is None:
+            s[k] = v
+    for side in ("width", "height"):
+        for kind in ("original", "target"):
+            if f"{kind}_{side}" in s and s[f"{kind}_{side}"] is None:
+                s[f"{kind}_{side}"] = s[side]
+    return s
+
+
+def _num(s: dict, key: str, kind=int):
+    """s[key] as int/float, or a one-line error naming the parameter."""
+    try:
+        v = kind(s[key])
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} must be a number, got {str(s[key])[:40]!r}") from None
+    if kind is float and v != v:
+        raise ValueError(f"{key} must be a number, got NaN")
+    return v
+
+
+def _text(s: dict, key: str) -> str:
+    v = s[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{key} must be text")
+    if len(v) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{key} is {len(v)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+    return v
+
+
 def _params(s: dict, seed: int) -> GenerateParams:
     from sd.samplers import SAMPLERS
     from sd.schedules import SCHEDULES
 
-    p = GenerateParams(prompt=s["prompt"] or "", negative_prompt=s["negative_prompt"] or "",
-                       width=int(s["width"]), height=int(s["height"]), steps=int(s["steps"]), cfg=float(s["cfg"]),
-                       seed=seed, sampler=_name(s["sampler"], SAMPLER_OF_DISPLAY, SAMPLERS),
+    p = GenerateParams(prompt=_text(s, "prompt"), negative_prompt=_text(s, "negative_prompt"),
+                       width=_num(s, "width"), height=_num(s, "height"), steps=_num(s, "steps"),
+                       cfg=_num(s, "cfg", float), seed=seed, sampler=_name(s["sampler"], SAMPLER_OF_DISPLAY, SAMPLERS),
                        schedule=_name(s["schedule"], SCHEDULE_OF_DISPLAY, SCHEDULES),
-                       batch_size=int(s["batch_size"]))
+                       batch_size=_num(s, "batch_size"))
     if s.get("init_image") is not None:
-        p.init_image, p.strength = s["init_image"], float(s["strength"])
+        p.init_image, p.strength = s["init_image"], _num(s, "strength", float)
     if "crop_top" in s:
-        p.sdxl_original_size = (int(s["original_height"]), int(s["original_width"]))
-        p.sdxl_crop = (int(s["crop_top"]), int(s["crop_left"]))
-        p.sdxl_target_size = (int(s["target_height"]), int(s["target_width"]))
-        p.aesthetic_score = float(s["aesthetic_score"])
-        p.negative_aesthetic_score = float(s["negative_aesthetic_score"])
+        p.sdxl_original_size = (_num(s, "original_height"), _num(s, "original_width"))
+        p.sdxl_crop = (_num(s, "crop_top"), _num(s, "crop_left"))
+        p.sdxl_target_size = (_num(s, "target_height"), _num(s, "target_width"))
+        p.aesthetic_score = _num(s, "aesthetic_score", float)
+        p.negative_aesthetic_score = _num(s, "negative_aesthetic_score", float)
     return p
+
+
+def token_note(prompt: str) -> str:
+    """How the prompt was tokenized, for the status line: nothing is cut, long prompts run in 75-token chunks."""
+    n = len(encode_tokens(prompt))
+    chunks = max(1, -(-n // CHUNK_TOKENS))
+    return f"prompt {n} tokens" + (f" in {chunks} chunks of {CHUNK_TOKENS} (A1111-style, nothing cut)"
+                                   if chunks > 1 else "")
 
 
 def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel | None]:
@@ -242,10 +327,15 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
 def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, report) -> RunOutput:
     """Every image of a request (batch count x batch size), saved with its parameters. `report(kind, payload)`
     receives ("status", text) and ("step", (done, total, preview image or None))."""
-    seed = int(s["seed"]) if s["seed"] is not None and int(s["seed"]) >= 0 else random.randrange(2**32 - 1)
     report("status", "loading the model")
+    s = fill_defaults(ctx, tab, s)
+    seed = _num(s, "seed")
+    seed = seed if seed >= 0 else random.randrange(2**32 - 1)
+    count, steps = _num(s, "batch_count"), _num(s, "steps")
+    if not 1 <= count <= MAX_BATCH_COUNT:
+        raise ValueError(f"batch count must be between 1 and {MAX_BATCH_COUNT}, got {count}")
+    _params(s, seed)  # refuse a malformed request before loading anything
     model, refiner = _load(ctx, tab, s)
-    count, steps = int(s["batch_count"]), int(s["steps"])
     every = preview_every(steps)
     gallery, texts, done_steps, stopped = [], [], 0, False
     for n in range(count):
@@ -256,7 +346,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
             i, total = info["step"] + 1, info["total"]
             prev = None
             if i % every == 0 and i < total:
-                prev = preview_image(info["denoised"], model.spec.family, (p.width, p.height))
+                prev = preview_image(info["denoised"], model.spec.family, preview_size(p.width, p.height))
             report("step", (base_done + i, total * count, prev))
 
         if refiner is not None:
@@ -276,6 +366,8 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
                 aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
                 refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,
                 refiner_switch_at=float(s["switch_at"]) if refiner else None, batch_size=p.batch_size, batch_pos=i)
+            if res.stopped:  # the schedule stays the requested one; say how much of it ran
+                text += f", Stopped at step: {res.steps_done}/{p.steps}"
             path = save_png(img, text, ctx.outputs_dir, p.seed)
             gallery.append((str(path), f"seed {p.seed}" + (f" #{i}" if p.batch_size > 1 else "")))
             texts.append(text)
@@ -283,9 +375,15 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
             stopped = True
             break
     status = (f"stopped after {done_steps} of {steps * count} steps" if stopped else
-              f"done: {len(gallery)} image(s), {done_steps} steps") + f"; seed {seed}"
+              f"done: {len(gallery)} image(s), {done_steps} steps") + f"; seed {seed}; {token_note(s['prompt'])}"
     facts = describe(model.spec, model.path, model.path == ctx.demo_path)
     return RunOutput(gallery, texts[0] if texts else "", seed, status, facts)
+
+
+def preview_size(width: int, height: int, short: int = 256) -> tuple[int, int]:
+    """The live preview's size: the output's aspect, upscaled by a whole factor until its short side is >= `short`."""
+    k = max(1, -(-short // max(1, min(width, height))))
+    return width * k, height * k
 
 
 def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, progress):
@@ -299,8 +397,8 @@ def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, p
     def work() -> None:
         try:
             q.put(("done", run_request(ctx, tab, s, stop, lambda kind, payload: q.put((kind, payload)))))
-        except (CheckpointError, ValueError, FileNotFoundError) as e:
-            q.put(("error", str(e)))
+        except USER_ERRORS as e:  # the user's to fix: one line to them, none in the log
+            q.put(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
         except Exception as e:  # noqa: BLE001 - shown to the user, logged with its traceback
             traceback.print_exc()
             q.put(("error", f"{type(e).__name__}: {e}"))
@@ -319,11 +417,12 @@ def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, p
                 yield skip, (prev if prev is not None else skip), f"step {done}/{total}", skip, skip, skip
             elif kind == "error":
                 finished = True
-                raise gr.Error(payload)
+                yield skip, skip, f"**error:** {payload}", skip, skip, skip
+                raise gr.Error(payload, print_exception=False)
             else:
                 finished = True
                 out: RunOutput = payload
-                yield out.gallery, None, out.status, out.infotext, out.seed, out.facts
+                yield out.gallery, skip, out.status, out.infotext, out.seed, out.facts
                 return
     finally:
         if not finished:  # the client went away: end the worker at its next step
@@ -352,7 +451,7 @@ def _size_slider(label: str, value: int, elem_id: str) -> gr.Slider:
 
 def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
     """The components of one family tab, keyed by name (also the API parameter names)."""
-    c: dict = {}
+    c: dict = {"touched": gr.State([])}
     value = default_choice(ctx, tab, entries)
     start = preset_updates(ctx, value, probe=False) if value else {"facts": "*no checkpoint for this tab in the models folder*"}
     fallback = ctx.presets["sdxl-base" if tab == "sdxl" else tab]
@@ -406,9 +505,11 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
                 c["stop"] = gr.Button("Stop", variant="stop", elem_id=f"{tab}-stop")
             c["status"] = gr.Markdown("", elem_id=f"{tab}-status")
-            c["preview"] = gr.Image(label="Preview", interactive=False, height=160, elem_id=f"{tab}-preview")
+            c["preview"] = gr.Image(label="Preview (latent approximation)", interactive=False, height=256,
+                                    elem_id=f"{tab}-preview")
             c["gallery"] = gr.Gallery(label="Images", columns=2, elem_id=f"{tab}-gallery", format="png")
-            c["used_seed"] = gr.Number(None, label="Used seed", precision=0, interactive=False, elem_id=f"{tab}-used-seed")
+            c["used_seed"] = gr.Number(None, label="Used seed", precision=0, interactive=False, visible=False,
+                                       elem_id=f"{tab}-used-seed")  # shown once a run has used one
             c["infotext"] = gr.Textbox(label="Parameters (PNG info)", lines=3, interactive=False,
                                        elem_id=f"{tab}-infotext")
     _wire_tab(ctx, tab, c)
@@ -438,37 +539,38 @@ def _sdxl_controls(c: dict, get, entries: list[Entry]) -> None:
                                                       elem_id="sdxl-negative-aesthetic")
 
 
-def _generate_fn(ctx: AppContext, tab: str):
-    """The tab's generate callback with named parameters (they become the API's keyword arguments)."""
-    if tab == "sdxl":
-        def generate_sdxl(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
-                          batch_size, batch_count, init_image, strength, original_width, original_height, crop_top,
-                          crop_left, target_width, target_height, refiner, switch_at, aesthetic_score,
-                          negative_aesthetic_score, request: gr.Request, progress=gr.Progress()):
-            s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
-            yield from stream_run(ctx, tab, s, request, progress)
-        return generate_sdxl
-    if tab == "sd2":
-        def generate_sd2(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
-                         batch_size, batch_count, init_image, strength, prediction, request: gr.Request,
-                         progress=gr.Progress()):
-            s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
-            yield from stream_run(ctx, tab, s, request, progress)
-        return generate_sd2
+def tab_inputs(tab: str) -> tuple[str, ...]:
+    """The API parameter names of a tab's Generate, in order."""
+    return COMMON_INPUTS + (SD2_INPUTS if tab == "sd2" else ()) + (SDXL_INPUTS if tab == "sdxl" else ())
 
-    def generate_sd1(checkpoint, prompt, negative_prompt, sampler, schedule, steps, cfg, seed, width, height,
-                     batch_size, batch_count, init_image, strength, request: gr.Request, progress=gr.Progress()):
-        s = {k: v for k, v in locals().items() if k not in ("request", "progress")}
+
+def _generate_fn(ctx: AppContext, tab: str, names: tuple[str, ...]):
+    """The tab's generate callback. Its signature names every input (the API's keyword arguments), each with the
+    default None, so an API call may leave any of them out: `fill_defaults` fills them from the tab's first
+    checkpoint and its preset."""
+
+    def generate_tab(*args):  # Gradio passes the inputs, then the request and the progress tracker (see below)
+        s, (request, progress) = dict(zip(names, args)), args[len(names):]
         yield from stream_run(ctx, tab, s, request, progress)
-    return generate_sd1
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    generate_tab.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, default=None) for n in names]
+        + [inspect.Parameter("request", kind, default=None, annotation=gr.Request),
+           inspect.Parameter("progress", kind, default=gr.Progress())])
+    generate_tab.__annotations__ = {"request": gr.Request}
+    generate_tab.__name__ = generate_tab.__qualname__ = f"generate_{tab}"
+    return generate_tab
 
 
 def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
-    names = COMMON_INPUTS + (SD2_INPUTS if tab == "sd2" else ()) + (SDXL_INPUTS if tab == "sdxl" else ())
+    names = tab_inputs(tab)
     outputs = [c[k] for k in OUTPUTS]
-    c["generate"].click(_generate_fn(ctx, tab), [c[k] for k in names], outputs, api_name=f"generate_{tab}",
-                        concurrency_id="generate", concurrency_limit=ctx.concurrency,
-                        show_progress_on=[c["status"]])
+    run = c["generate"].click(_generate_fn(ctx, tab, names), [c[k] for k in names], outputs,
+                              api_name=f"generate_{tab}", concurrency_id="generate",
+                              concurrency_limit=ctx.concurrency, show_progress_on=[c["status"]])
+    run.then(lambda seed: gr.Number(visible=seed is not None), c["used_seed"], c["used_seed"],
+             api_visibility="private", queue=False)
     def stop(request: gr.Request) -> str:
         return stop_run(ctx, tab, request)
 
@@ -476,16 +578,22 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
                     concurrency_limit=None, queue=False)
     c["dice"].click(lambda: -1, None, c["seed"], api_visibility="private", queue=False)
     c["reuse"].click(lambda s: s, c["used_seed"], c["seed"], api_visibility="private", queue=False)
-    fill = [c[k] for k in PRESET_FIELDS if k in c]
+    keys = [k for k in PRESET_FIELDS if k in c]
+    # Fields the user set by hand (or PNG Info sent) in this session: picking a checkpoint leaves them alone.
+    for k in keys:
+        if k != "facts":
+            c[k].input(lambda touched, k=k: sorted({*touched, k}), c["touched"], c["touched"],
+                       api_visibility="private", queue=False)
 
-    def on_select(value, prediction="auto"):
-        up = preset_updates(ctx, value, prediction if prediction in ("eps", "v") else None, tab=tab)
-        return [up.get(k, gr.skip()) for k in PRESET_FIELDS if k in c]
+    def on_select(value, touched, prediction="auto"):
+        up = select_updates(ctx, tab, value, touched, prediction)
+        return [up.get(k, gr.skip()) for k in keys]
 
     pred = [c["prediction"]] if "prediction" in c else []
-    c["checkpoint"].input(on_select, [c["checkpoint"], *pred], fill, api_visibility="private")
+    fill = [c[k] for k in keys]
+    c["checkpoint"].input(on_select, [c["checkpoint"], c["touched"], *pred], fill, api_visibility="private")
     if pred:
-        c["prediction"].input(on_select, [c["checkpoint"], *pred], fill, api_visibility="private")
+        c["prediction"].input(on_select, [c["checkpoint"], c["touched"], *pred], fill, api_visibility="private")
     if tab == "sdxl":  # original and target size follow the output size when the user changes it
         c["width"].input(lambda w: (w, w), c["width"], [c["original_width"], c["target_width"]],
                          api_visibility="private", queue=False)
@@ -556,7 +664,9 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
     note = ""
     entries = ctx.index.scan()
     model = settings.get("model")
-    if model:
+    if model and ctx.demo_available() and model == ctx.demo_path.stem and tab == "sd1":
+        up["checkpoint"] = DEMO_LABEL
+    elif model:
         match = [e for e in entries if Path(e.name).stem == model and e.tab in (tab, "unsorted")]
         if match:
             up["checkpoint"] = match[0].name
@@ -592,11 +702,13 @@ def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict])
         for t, btn in buttons.items():
             keys = [k for k in SEND_KEYS if k in gen_tabs[t]]
 
-            def send(s, t=t, keys=keys):
-                up, note = send_values(ctx, t, s or {})
-                return [up.get(k, gr.skip()) for k in keys] + [gr.Tabs(selected=t), note]
+            def send(s, touched, t=t, keys=keys):
+                up, note = send_values(ctx, t, s if isinstance(s, dict) else {})
+                sent = sorted({*touched, *(k for k in up if k != "checkpoint")})
+                return [up.get(k, gr.skip()) for k in keys] + [sent, gr.Tabs(selected=t), note]
 
-            btn.click(send, settings, [gen_tabs[t][k] for k in keys] + [tabs, hint], api_visibility="private")
+            btn.click(send, [settings, gen_tabs[t]["touched"]],
+                      [gen_tabs[t][k] for k in keys] + [gen_tabs[t]["touched"], tabs, hint], api_visibility="private")
 
 
 def refresh_all(ctx: AppContext, gen_tabs: dict[str, dict]):
@@ -625,8 +737,9 @@ def default_dtype(dtype: str, device: str) -> str:
 
 def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
               cache: ModelCache | None = None, outputs_dir: str | os.PathLike = "outputs",
-              demo_path: Path | None | str = "default", concurrency: int = 2) -> gr.Blocks:
-    """The whole playground. `cache` may be shared (tests pass one); `demo_path` None disables the demo model."""
+              demo_path: Path | None | str = "default", concurrency: int = 2, queue_size: int = 32) -> gr.Blocks:
+    """The whole playground. `cache` may be shared (tests pass one); `demo_path` None disables the demo model.
+    At most `queue_size` requests wait in Gradio's queue; past it a request is refused at once ("Queue is full")."""
     if demo_path == "default":
         from sd.demo import DEMO_CHECKPOINT
 
@@ -651,6 +764,7 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
             gen_tabs[t]["refresh"].click(lambda: refresh_all(ctx, gen_tabs), None, outs,
                                          api_name="refresh" if t == "sd1" else None,
                                          api_visibility="public" if t == "sd1" else "private")
+    demo.queue(max_size=queue_size)
     demo.sd_context = ctx  # for tests and tools; the app itself never reads it back
     return demo
 
@@ -669,22 +783,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="auto: float16 on cuda, float32 elsewhere")
     ap.add_argument("--cache-gb", type=float, default=None, help="memory budget of loaded models (default 8)")
     ap.add_argument("--concurrency", type=int, default=2, help="generations that may run at once")
+    ap.add_argument("--queue-size", type=int, default=32, help="requests that may wait; past it: 'Queue is full'")
+    ap.add_argument("--max-upload-mb", type=float, default=32, help="largest file a client may upload")
     return ap.parse_args(argv)
+
+
+SHARE_USER = "sd"
+
+
+def share_auth(share: bool, auth: str | None) -> tuple[tuple[str, str] | None, str | None]:
+    """(auth pair for Gradio, line to print once). A public --share link always has a login: --auth user:pass,
+    or else a random password made now (user "sd"), printed once to the console and never stored."""
+    if auth:
+        if ":" not in auth or not auth.split(":", 1)[0] or not auth.split(":", 1)[1]:
+            raise ValueError("--auth expects user:pass (both non-empty)")
+        return tuple(auth.split(":", 1)), None
+    if not share:
+        return None, None
+    password = secrets.token_urlsafe(12)
+    return (SHARE_USER, password), (f"--share without --auth: the public link asks for a login; user {SHARE_USER}, "
+                                    f"password {password} (made for this run only; give --auth user:pass to choose)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    auth = None
-    if args.auth:
-        if ":" not in args.auth:
-            print("error: --auth expects user:pass", file=sys.stderr)
-            return 2
-        auth = tuple(args.auth.split(":", 1))
+    try:
+        auth, say = share_auth(args.share, args.auth)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if say:
+        print(say, flush=True)
     cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None)
     demo = build_app(args.models_dir, args.device, args.dtype, cache=cache, outputs_dir=args.outputs_dir,
-                     concurrency=args.concurrency)
+                     concurrency=args.concurrency, queue_size=args.queue_size)
     Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size=f"{int(args.max_upload_mb * 1024)}kb",
                 allowed_paths=[str(Path(args.outputs_dir).resolve())])
     return 0
 

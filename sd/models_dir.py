@@ -142,22 +142,38 @@ class ModelIndex:
         return entries
 
     def resolve(self, name: str) -> Path:
-        """A dropdown value or a bare file name / stem -> the file. Raises FileNotFoundError naming the folder."""
-        cand = self.root / name
-        if name and cand.is_file():
-            return cand
-        if name and Path(name).is_absolute() and Path(name).is_file():
-            return Path(name)
-        files = checkpoint_files(self.root)
-        matches = [p for p in files if name in (p.name, p.stem)]
+        """A dropdown value, a bare file name or a stem -> a file the scan lists; nothing else.
+
+        Only files listed by `checkpoint_files` (the models folder as its owner laid it out, symlinks included)
+        can be named: `..`, absolute paths and anything outside the listing get one and the same answer, which
+        names neither the server's folders nor whether the file exists, so a remote client cannot probe the disk.
+        """
+        return resolve_listed(name, self.root, checkpoint_files(self.root), "checkpoint")
+
+
+class NotInModelsFolder(FileNotFoundError):
+    """A requested name is not one of the listed files; the message is the same whatever the name points at."""
+
+
+def resolve_listed(name: object, root: Path, files: list[Path], kind: str) -> Path:
+    """`name` (relative path with forward slashes, file name or stem) -> the one listed file it names.
+
+    Raises NotInModelsFolder with a message that repeats only the caller's own (shortened) name."""
+    text = name if isinstance(name, str) else ""
+    shown = repr(text[:80] + ("..." if len(text) > 80 else ""))
+    if text:
+        by_rel = {p.relative_to(root).as_posix(): p for p in files}
+        if text in by_rel:
+            return by_rel[text]
+        matches = [p for p in files if text in (p.name, p.stem)]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise FileNotFoundError(f"{name!r} matches several files in {self.root}: "
-                                    + ", ".join(self._name(p) for p in matches))
-        raise FileNotFoundError(f"no checkpoint {name!r} in {self.root.resolve()} (press the refresh button after "
-                                "adding files)")
-
+            raise NotInModelsFolder(f"{shown} matches several {kind}s in the models folder: "
+                                    + ", ".join(p.relative_to(root).as_posix() for p in matches)
+                                    + "; give the path shown in the list")
+    raise NotInModelsFolder(f"no such {kind} in the models folder: {shown} (pick one from the list; after adding "
+                            "files press Refresh)")
 
 def by_tab(entries: list[Entry]) -> dict[str, list[Entry]]:
     """tab -> entries; "unusable" collects files that are not recognised checkpoints."""

@@ -37,7 +37,7 @@ def test_a1111_and_comfyui_layouts(tmp_path, tiny_files):
     entries = ModelIndex(comfy).scan()
     assert [(e.name, e.family, e.tab) for e in entries] == [("models/checkpoints/xl.safetensors", "sdxl-base", "sdxl")]
     assert ModelIndex(a1111).resolve("one") == a1111 / "Stable-diffusion" / "sub" / "one.safetensors"
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint in the models folder"):
         ModelIndex(a1111).resolve("two")
 
 

@@ -324,9 +324,15 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
     return model, refiner
 
 
-def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, report) -> RunOutput:
+class Abandoned(Exception):
+    """The client went away during the run: nothing of it is saved."""
+
+
+def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, report,
+                abandoned: threading.Event | None = None) -> RunOutput:
     """Every image of a request (batch count x batch size), saved with its parameters. `report(kind, payload)`
-    receives ("status", text) and ("step", (done, total, preview image or None))."""
+    receives ("status", text) and ("step", (done, total, preview image or None)). Stop ends the run between steps
+    and keeps what is done; `abandoned` (set when the client disconnected, together with `stop`) saves nothing."""
     report("status", "loading the model")
     s = fill_defaults(ctx, tab, s)
     seed = _num(s, "seed")
@@ -356,6 +362,8 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
         else:
             res = generate(model, p, callback=on_step, stop=stop)
         done_steps += res.steps_done
+        if abandoned is not None and abandoned.is_set():
+            raise Abandoned(f"the client disconnected after {done_steps} steps; nothing was saved")
         for i, img in enumerate(res.images):
             text = build_parameters(
                 prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, sampler=p.sampler,
@@ -390,13 +398,15 @@ def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, p
     """Run a request on a worker thread and stream its progress: status text, preview, then the images.
     The Stop button sets the request's event; the sampler checks it between steps and returns what is done."""
     key = (getattr(request, "session_hash", None), tab)
-    stop, q = threading.Event(), queue.Queue()
+    stop, abandoned, q = threading.Event(), threading.Event(), queue.Queue()
     with ctx.lock:
         ctx.stops[key] = stop
 
     def work() -> None:
         try:
-            q.put(("done", run_request(ctx, tab, s, stop, lambda kind, payload: q.put((kind, payload)))))
+            q.put(("done", run_request(ctx, tab, s, stop, lambda kind, payload: q.put((kind, payload)), abandoned)))
+        except Abandoned as e:
+            print(f"note: {e}", file=sys.stderr)
         except USER_ERRORS as e:  # the user's to fix: one line to them, none in the log
             q.put(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
         except Exception as e:  # noqa: BLE001 - shown to the user, logged with its traceback
@@ -425,7 +435,8 @@ def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, p
                 yield out.gallery, skip, out.status, out.infotext, out.seed, out.facts
                 return
     finally:
-        if not finished:  # the client went away: end the worker at its next step
+        if not finished:  # the client went away: end the worker at its next step, and keep nothing of the run
+            abandoned.set()
             stop.set()
         with ctx.lock:
             if ctx.stops.get(key) is stop:

@@ -227,3 +227,22 @@ def test_hostile_parameters_get_one_line_answers(world):
         with pytest.raises(ValueError, match=match):
             app.run_request(ctx, "sd1", dict(SD1, checkpoint="sd1.safetensors", **bad), threading.Event(),
                             lambda *a: None)
+
+
+def test_abandoned_run_saves_nothing(world):
+    """The client went away (stream_run sets `abandoned` and `stop`): the worker ends at its next step and writes
+    no PNG; a plain Stop in the same place keeps the partial image."""
+    ctx = world["demo"].sd_context
+    before = set(world["outputs"].rglob("*.png"))
+    stop, gone = threading.Event(), threading.Event()
+    steps = []
+
+    def report(kind, payload):
+        if kind == "step":
+            steps.append(payload[0])
+            if payload[0] == 2:
+                gone.set(), stop.set()
+
+    with pytest.raises(app.Abandoned, match="nothing was saved"):
+        app.run_request(ctx, "sd1", dict(SD1, checkpoint="sd1.safetensors", steps=30), stop, report, gone)
+    assert steps == [1, 2] and set(world["outputs"].rglob("*.png")) == before

@@ -1,6 +1,8 @@
 """Command line: `python -m sd inspect CKPT`, `python -m sd generate ...`, `python -m sd train ...`.
 
-Errors about files and parameters print one line (`error: ...`) and exit with status 2; no traceback.
+Errors about files and parameters print one line (`error: ...`) and exit with status 2; no traceback; nothing is
+written on error. The flags for the families' extra inputs (`--mask`; `--init-image` doubles as the inpainting
+image) are built from the family table's declared inputs (`sd.families`).
 """
 from __future__ import annotations
 
@@ -59,7 +61,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _family_inputs() -> dict[str, object]:
+    """flag -> Input, over every family of the table (the first declaration of a flag wins)."""
+    from .families import FAMILIES
+
+    out: dict[str, object] = {}
+    for fam in FAMILIES:
+        for inp in fam.inputs:
+            out.setdefault(inp.flag, inp)
+    return out
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _request_inputs(args: argparse.Namespace, family) -> dict:
+    """The extra inputs given on the command line for the loaded checkpoint's family; a flag the family does not
+    take is an error (except --init-image, which is img2img for families without an image input)."""
+    declared = {i.flag: i for i in family.inputs}
+    inputs = {}
+    for flag, inp in _family_inputs().items():
+        value = getattr(args, _dest(flag), None)
+        if value is None:
+            continue
+        if flag in declared:
+            inputs[declared[flag].name] = value
+        elif flag != "--init-image":
+            takes = ", ".join(declared) or "no extra inputs"
+            raise ValueError(f"{flag}: a {family.name} checkpoint takes no {inp.label.lower()} (it takes {takes})")
+    return inputs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .inpaint import load_image
     from .pipeline import GenerateParams, default_size, generate, load_model
 
     path = args.checkpoint
@@ -69,19 +104,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = DEMO_CHECKPOINT
         print(f"no --checkpoint given: using the built-in demo model {path}", file=sys.stderr)
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction)
-    size = default_size(model.spec, is_demo=args.checkpoint is None)
-    args.width, args.height = args.width or size, args.height or size
+    inputs = _request_inputs(args, model.family)
+    size = (default_size(model.spec, is_demo=args.checkpoint is None),) * 2
+    pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs]
+    if pixel:  # pixel inputs are used at their own size: the output size is the image's
+        inputs[pixel[0].name] = img = load_image(inputs[pixel[0].name], pixel[0].flag.lstrip("-"))
+        given = (args.width or img.width, args.height or img.height)
+        if given != img.size:
+            raise ValueError(f"--width/--height {given[0]}x{given[1]} differ from the {pixel[0].flag} image's size "
+                             f"{img.width}x{img.height}; the image is used at its own size: leave them out or give "
+                             f"{img.width}x{img.height}")
+        size = img.size
+    args.width, args.height = args.width or size[0], args.height or size[1]
     params = GenerateParams(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
         batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
         sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
-        negative_aesthetic_score=args.negative_aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score, inputs=inputs,
     )
-    if args.init_image:
-        from PIL import Image
-
-        params.init_image = Image.open(args.init_image)
+    if args.init_image and not any(i.flag == "--init-image" for i in model.family.inputs):
+        params.init_image = load_image(args.init_image, "--init-image")
         params.strength = args.strength
 
     def progress(info: dict) -> None:
@@ -134,8 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sdxl-target-size", type=_size, default=None, help="H,W (default: output size)")
     g.add_argument("--aesthetic-score", type=float, default=6.0)
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5)
-    g.add_argument("--init-image", default=None, help="img2img source image")
+    g.add_argument("--init-image", default=None, help="img2img source image; for inpainting models the image to inpaint")
     g.add_argument("--strength", type=float, default=0.75)
+    for flag, inp in _family_inputs().items():
+        if flag == "--init-image":
+            continue
+        text = f"{inp.label}: {inp.help}" if inp.help else inp.label
+        kw: dict = {"default": None, "help": text.replace("%", "%%")}
+        if inp.kind == "bool":
+            kw["action"] = "store_true"
+        elif inp.kind == "number":
+            kw["type"] = float
+        elif inp.kind == "choice":
+            kw["choices"] = list(inp.choices)
+        g.add_argument(flag, dest=_dest(flag), **kw)
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)

@@ -22,7 +22,13 @@ def discrete_sigmas(linear_start: float = 0.00085, linear_end: float = 0.012, st
     sigma = sqrt((1 - abar) / abar); rounded to float32 at the end. Returns (steps,), increasing.
     """
     betas = torch.linspace(math.sqrt(linear_start), math.sqrt(linear_end), steps, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1.0 - betas, dim=0)
+    return sigmas_from_betas(betas)
+
+
+def sigmas_from_betas(betas: Tensor) -> Tensor:
+    """Training sigmas from a beta schedule (T,): abar = cumprod(1 - betas) in float64, sigma = sqrt((1 - abar) /
+    abar), rounded to float32 at the end. Returns (T,), increasing."""
+    abar = torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
     return ((1 - abar) / abar).sqrt().to(torch.float32)
 
 
@@ -68,6 +74,20 @@ def scalings(prediction: str, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 Net = Callable[..., Tensor]  # net(x_in (B,C,H,W), t (B,), **cond) -> output (B,C,H,W)
+
+
+def sgm_net(unet) -> Net:
+    """An LDM/SGM UNet as net(x_in, t, crossattn, vector, concat) in the SGM conditioner's language (SGM
+    `OpenAIWrapper`): `concat` (B, C, h, w) is appended to the already c_in-scaled latent, unscaled; `vector` (B, A)
+    goes in as the UNet's `y`, `crossattn` (B, T, D) as its context."""
+
+    def net(x: Tensor, t: Tensor, crossattn: Tensor | None = None, vector: Tensor | None = None,
+            concat: Tensor | None = None) -> Tensor:
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.device, x.dtype)], dim=1)  # (B, C_latent + C_concat, h, w)
+        return unet(x, t, context=crossattn, y=vector)
+
+    return net
 
 
 def make_denoiser(net: Net, prediction: str, sigmas: Tensor | None) -> Callable[..., Tensor]:

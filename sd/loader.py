@@ -13,7 +13,9 @@ from torch import nn
 
 from .checkpoint import Checkpoint, CheckpointError, ignore_reason
 from .config import ModelSpec
-from .detect import UNET, UNSUPPORTED_PARTS, VAE
+from .denoiser import discrete_sigmas, sigmas_from_betas
+from .families import Family, unsupported_parts
+from .families.shapes import UNET, VAE
 from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -76,7 +78,7 @@ def account_keys(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> KeyRepo
                 rep.shape_mismatch.append(f"{k} {list(shapes[k])} != {list(shape)}")
             else:
                 rep.loaded[comp].append(k)
-    unsupported_prefixes = tuple(UNSUPPORTED_PARTS)
+    unsupported_prefixes = tuple(unsupported_parts())
     for k in shapes:
         if k in owner:
             continue
@@ -138,6 +140,22 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
         load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
         texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
     return Components(unet, vae, texts)
+
+
+def training_sigmas(ckpt: Checkpoint, family: Family) -> tuple[torch.Tensor, str]:
+    """(sigmas (T,) float32 increasing, where they came from): the file's own `betas` (LDM) or `denoiser.sigmas`
+    (SGM) buffer when it carries a valid one, else the family's schedule."""
+    shapes = ckpt.shapes()
+    if "betas" in shapes and len(shapes["betas"]) == 1:
+        betas = ckpt.get("betas").double()
+        if bool(((betas > 0) & (betas < 1)).all()):
+            return sigmas_from_betas(betas), "the file's betas"
+    if "denoiser.sigmas" in shapes and len(shapes["denoiser.sigmas"]) == 1:
+        sig = ckpt.get("denoiser.sigmas").float()
+        if bool((sig > 0).all()) and bool((sig[1:] > sig[:-1]).all()):
+            return sig.contiguous(), "the file's denoiser.sigmas"
+    start, end, steps = family.schedule
+    return discrete_sigmas(start, end, steps), f"the {family.name} schedule (linear betas {start:g} .. {end:g})"
 
 
 @torch.no_grad()

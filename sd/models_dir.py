@@ -21,17 +21,14 @@ from pathlib import Path
 from .checkpoint import CheckpointError, open_checkpoint
 from .config import ModelSpec
 from .detect import detect
+from .families import FAMILIES, tab_of
 
 SUFFIXES = (".safetensors", ".ckpt")
 # Sub-folders of known UIs that hold full checkpoints (A1111, ComfyUI; also when given the folder above models/).
 KNOWN_SUBFOLDERS = ("Stable-diffusion", "checkpoints", "models/Stable-diffusion", "models/checkpoints")
 
-# family -> app tab. Families that load but do not run yet go to "variants"; SD3 files to "sd3".
-TAB_OF_FAMILY = {
-    "sd1": "sd1", "sd2": "sd2", "sdxl-base": "sdxl", "sdxl-refiner": "sdxl",
-    "sd1-inpaint": "variants", "sd2-inpaint": "variants", "sd2-depth": "variants", "sd2-x4-upscaler": "variants",
-    "sd2-unclip-h": "variants", "sd2-unclip-l": "variants", "sdxl-inpaint": "variants", "sd3": "sd3",
-}
+# family -> app tab, from the family table (`Family.tab`); SD3 files (no family module yet) go to "sd3".
+TAB_OF_FAMILY = {**{f.name: f.tab for f in FAMILIES}, "sd3": "sd3"}
 
 
 def resolve_models_dir(arg: str | os.PathLike | None = None, env: dict | None = None) -> Path:
@@ -56,10 +53,11 @@ class Entry:
 
     @property
     def tab(self) -> str | None:
-        """"sd1" / "sd2" / "sdxl" / "variants" / "sd3"; "unsorted" for an undetected .ckpt; None if unusable."""
+        """The family's `tab` ("sd1" / "sd2" / "sdxl" / "inpaint" / "variants"; "sd3" for SD3 files); "unsorted" for
+        an undetected .ckpt; None if unusable."""
         if not self.detected:
             return "unsorted"
-        return TAB_OF_FAMILY.get(self.family) if self.family else None
+        return tab_of(self.family)
 
 
 def checkpoint_files(root: Path) -> list[Path]:

@@ -2,8 +2,10 @@
 
 `load_model` opens a file, detects it, builds and loads its models; `ModelCache` keeps several loaded at once
 (keyed by file, device and dtype, least recently used evicted past a memory budget, safe across threads);
-`generate` runs text conditioning -> classifier-free-guided sampler -> VAE decode with the conventions pinned in
-README.md (CPU noise from the seed, fractional timesteps, 8-bit rounding).
+`generate` is family-agnostic: request -> the family's conditioner (`sd.families`: SGM dicts of crossattn, vector,
+concat) -> classifier-free-guided denoiser -> sampler -> first-stage decode, with the conventions pinned in
+README.md (one CPU generator from the seed: the family's input-side draw first, then the starting noise;
+fractional timesteps; 8-bit rounding).
 """
 from __future__ import annotations
 
@@ -21,12 +23,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import CheckpointError, open_checkpoint
-from .conditioning import SDXLSizes, encode_conditions
 from .config import ModelSpec
-from .denoiser import discrete_sigmas, make_denoiser
-from .detect import detect
+from .denoiser import make_denoiser, sgm_net
+from .families import Family, check_inputs, detect, get_family
 from .guidance import cfg_denoiser
-from .loader import Components, load_components, probe_is_v
+from .loader import Components, load_components, probe_is_v, training_sigmas
 from .samplers import img2img_start, sample
 from .schedules import get_sigmas
 
@@ -55,6 +56,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     _hash: str | None = None
+    sigmas_source: str = ""  # the file's betas / denoiser.sigmas, or the family's own schedule
+
+    @property
+    def family(self) -> Family:
+        return get_family(self.spec.family)
 
     @property
     def name(self) -> str:
@@ -87,7 +93,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         is_v = probe_is_v(parts.unet)
         spec = replace(spec, prediction="v" if is_v else "eps",
                        prediction_source=f"A1111 probe on the UNet ({'v' if is_v else 'eps'}-like output at t=999)")
-    return LoadedModel(Path(path), spec, parts, discrete_sigmas(), device, dtype)
+    sigmas, source = training_sigmas(ckpt, get_family(spec.family))
+    return LoadedModel(Path(path), spec, parts, sigmas, device, dtype, sigmas_source=source)
 
 
 @dataclass
@@ -112,9 +119,11 @@ class GenerateParams:
     sdxl_target_size: tuple[int, int] | None = None     # default (height, width)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
-    init_image: Image.Image | None = None               # img2img source (resized to width x height)
+    init_image: Image.Image | None = None               # img2img source (resized to width x height); for a family
+                                                        # declaring an "image" input (inpaint) it is that input
     strength: float = 0.75                              # img2img denoising strength
     initial_latent: Tensor | None = None                # advanced: use this noise (B, C, h, w) instead of the seed's
+    inputs: dict = field(default_factory=dict)          # the family's declared extra inputs (Family.inputs), by name
 
 
 @dataclass
@@ -132,11 +141,17 @@ def default_size(spec: ModelSpec, is_demo: bool = False) -> int:
     """The side length a family was trained at (demo 64; SD1/SD2-eps 512; SD2-v 768; SDXL 1024)."""
     if is_demo:
         return 64
-    if spec.family.startswith("sdxl"):
-        return 1024
-    if spec.family.startswith("sd2") and spec.prediction == "v" and "x4" not in spec.family:
-        return 768
-    return 512
+    return get_family(spec.family).size_for(spec.prediction if spec.prediction_source != "probe" else None)
+
+
+def request_inputs(spec: ModelSpec, p: GenerateParams) -> dict:
+    """The request's extra inputs checked against the family's declaration (`sd.families.check_inputs`); an
+    init_image given to a family that declares an "image" input fills that input."""
+    fam = get_family(spec.family)
+    inputs = dict(p.inputs or {})
+    if p.init_image is not None and any(i.name == "image" for i in fam.inputs):
+        inputs.setdefault("image", p.init_image)
+    return check_inputs(fam, replace(p, inputs=inputs))
 
 
 def check_params(spec: ModelSpec, p: GenerateParams) -> None:
@@ -152,17 +167,10 @@ def check_params(spec: ModelSpec, p: GenerateParams) -> None:
         raise ValueError(f"batch size must be between 1 and 64, got {p.batch_size}")
     if spec.vae is None:
         raise ValueError("this checkpoint has no VAE (first_stage_model.*); use a full checkpoint")
-    if spec.unet.in_channels != spec.latent.channels:
-        raise ValueError(f"{spec.family}: {spec.unsupported[-1] if spec.unsupported else 'this variant is not supported yet'}")
-
-
-def _unet_net(unet) -> Callable[..., Tensor]:
-    """The UNet as net(x_in, t, **cond) for sd.denoiser.make_denoiser."""
-
-    def net(x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
-        return unet(x, t, context=context, y=y)
-
-    return net
+    fam = get_family(spec.family)
+    if not fam.runs:
+        raise ValueError(f"{spec.family}: {fam.unsupported or 'this family is not implemented yet'}")
+    request_inputs(spec, p)
 
 
 def encode_image(model: LoadedModel, image: Image.Image, width: int, height: int) -> Tensor:
@@ -187,24 +195,38 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
-def guided_denoiser(model: LoadedModel, p: GenerateParams) -> Callable[[Tensor, Tensor], Tensor]:
-    """The request's conditioning (prompt, negative, SDXL sizes) encoded and wrapped in CFG: D(x, sigma)."""
-    sizes = SDXLSizes(original=p.sdxl_original_size or (p.height, p.width), crop=tuple(p.sdxl_crop),
-                      target=p.sdxl_target_size or (p.height, p.width), aesthetic=p.aesthetic_score,
-                      negative_aesthetic=p.negative_aesthetic_score)
-    cond, uncond = encode_conditions(model.parts.text_encoders, model.spec, p.prompt, p.negative_prompt,
-                                     p.batch_size, sizes=sizes, clip_skip=p.clip_skip)
-    den = make_denoiser(_unet_net(model.parts.unet), model.spec.prediction, model.sigmas)
+def seed_generator(seed: int) -> torch.Generator:
+    """The request's one generator: every random tensor is torch.randn(shape, generator=g, dtype=float32) from it,
+    in order (1) the family's input-side draw (inpaint: the masked image's posterior sample), (2) the starting noise."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def guided_denoiser(model: LoadedModel, p: GenerateParams,
+                    generator: torch.Generator | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The family's conditioning of the request (cond, uncond: crossattn / vector / concat) wrapped in CFG:
+    D(x, sigma). `generator`: the request's generator (a fresh one from the seed when None)."""
+    fam = model.family
+    if fam.condition is None:
+        raise ValueError(f"{fam.name}: {fam.unsupported or 'this family is not implemented yet'}")
+    req = replace(p, inputs=request_inputs(model.spec, p))
+    g = generator if generator is not None else seed_generator(p.seed)
+    cond, uncond = fam.condition(model.parts, model.spec, req, g)
+    den = make_denoiser(sgm_net(model.parts.unet), model.spec.prediction, model.sigmas)
     return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
 
 
-def start_latent(model: LoadedModel, p: GenerateParams) -> tuple[Tensor, Tensor]:
-    """(x, sigmas): the schedule (truncated for img2img) and the noisy starting latent by the pinned conventions."""
+def start_latent(model: LoadedModel, p: GenerateParams,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(x, sigmas): the schedule (truncated for img2img) and the noisy starting latent by the pinned conventions.
+    The noise is the next draw from `generator` (a fresh one from the seed when None: right for families without an
+    input-side draw). Families with an "image" input (inpaint) start like text to image."""
     spec = model.spec
     sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)  # (steps + 1,)
     shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
-    noise = p.initial_latent.float() if p.initial_latent is not None else initial_noise(p.seed, shape)
-    if p.init_image is not None:
+    g = generator if generator is not None else seed_generator(p.seed)
+    noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
+                                                                                     dtype=torch.float32)
+    if p.init_image is not None and not any(i.name == "image" for i in model.family.inputs):
         sigmas = img2img_start(sigmas, p.strength)
         x = encode_image(model, p.init_image, p.width, p.height).expand(shape) + noise * sigmas[0]
     else:
@@ -215,10 +237,11 @@ def start_latent(model: LoadedModel, p: GenerateParams) -> tuple[Tensor, Tensor]
 @torch.no_grad()
 def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
              stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
-    """Text (and optionally image) to images with one loaded checkpoint."""
+    """Text (and optionally image) to images with one loaded checkpoint, any family."""
     check_params(model.spec, p)
-    guided = guided_denoiser(model, p)
-    x, sigmas = start_latent(model, p)
+    g = seed_generator(p.seed)
+    guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
+    x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
     done = {"n": 0}
 
     def on_step(info: dict) -> None:
@@ -279,4 +302,5 @@ class ModelCache:
 
 
 __all__ = ["CheckpointError", "GenerateParams", "GenerateResult", "LoadedModel", "ModelCache", "generate",
-           "load_model", "decode_latents", "encode_image", "initial_noise"]
+           "load_model", "decode_latents", "encode_image", "initial_noise", "guided_denoiser", "start_latent",
+           "check_params", "default_size", "request_inputs", "seed_generator"]

@@ -4,9 +4,10 @@ The format (A1111 `modules/infotext_utils.py`): the prompt (any number of lines)
 `Negative prompt: `, then one line of `Key: value` pairs separated by `, ` such as
 `Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 0123456789,
 Model: v1-5-pruned-emaonly`. Values holding `,`, `:` or a newline are JSON-quoted. Sizes are `WIDTHxHEIGHT`.
-SDXL adds `SDXL original size`, `SDXL crop top`, `SDXL crop left`, `SDXL target size`; the refiner
-`Aesthetic score`, `Negative aesthetic score`, and the base -> refiner hand-off A1111's `Refiner: name [hash]`,
-`Refiner switch at`.
+Each family adds its own fields (its `infotext` in `sd.families`): SDXL `SDXL original size`, `SDXL crop top`,
+`SDXL crop left`, `SDXL target size`; the refiner `Aesthetic score`, `Negative aesthetic score`; the inpainting
+families A1111's `Mask blur`, `Masked content`, `Inpaint area`, `Masked area padding`. The base -> refiner hand-off
+writes A1111's `Refiner: name [hash]`, `Refiner switch at`.
 
 Images are written by `save_png` with the text in a PNG `tEXt` chunk named `parameters`, to a fresh file name
 (`NNNNN-SEED.png`, created exclusively so two runs never overwrite one another).
@@ -60,9 +61,16 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
                      sdxl_target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
                      negative_aesthetic_score: float | None = None, refiner: str | None = None,
                      refiner_hash: str | None = None, refiner_switch_at: float | None = None,
-                     batch_size: int = 1, batch_pos: int = 0) -> str:
+                     batch_size: int = 1, batch_pos: int = 0, mask_blur: float | None = None,
+                     masked_content: str | None = None, inpaint_area: str | None = None,
+                     masked_padding: int | None = None) -> str:
     """The `parameters` text of one image. `sampler`/`schedule` are internal names (written as A1111 shows them);
-    SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`."""
+    SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`. The family's own
+    fields come from its `infotext` (keyword arguments it does not use are ignored)."""
+    kw = dict(width=width, height=height, sdxl_original_size=sdxl_original_size, sdxl_crop=sdxl_crop,
+              sdxl_target_size=sdxl_target_size, aesthetic_score=aesthetic_score,
+              negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur, masked_content=masked_content,
+              inpaint_area=inpaint_area, masked_padding=masked_padding)
     fields: dict[str, str] = {
         "Steps": str(int(steps)),
         "Sampler": DISPLAY_NAMES.get(sampler, sampler),
@@ -81,15 +89,8 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
         fields["Denoising strength"] = num(denoising_strength)
     if clip_skip != 1:
         fields["Clip skip"] = str(clip_skip)
-    if family.startswith("sdxl"):
-        oh, ow = sdxl_original_size or (height, width)
-        fields["SDXL original size"] = f"{int(ow)}x{int(oh)}"
-        fields["SDXL crop top"] = str(int(sdxl_crop[0]))
-        fields["SDXL crop left"] = str(int(sdxl_crop[1]))
-        if family != "sdxl-refiner":
-            th, tw = sdxl_target_size or (height, width)
-            fields["SDXL target size"] = f"{int(tw)}x{int(th)}"
-    if family == "sdxl-refiner" or refiner:
+    fields.update(_family_fields(family, kw))
+    if refiner and "Aesthetic score" not in fields:
         fields["Aesthetic score"] = num(6.0 if aesthetic_score is None else aesthetic_score)
         fields["Negative aesthetic score"] = num(2.5 if negative_aesthetic_score is None else negative_aesthetic_score)
     if refiner:
@@ -100,6 +101,16 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
     if negative_prompt:
         text += f"\nNegative prompt: {negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {quote(v)}" for k, v in fields.items())
+
+
+def _family_fields(family: str, kw: dict) -> dict[str, str]:
+    from .families import get_family
+
+    try:
+        fam = get_family(family)
+    except KeyError:
+        return {}
+    return fam.infotext(kw) if fam.infotext else {}
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -145,7 +156,8 @@ def to_settings(parsed: dict[str, str]) -> dict:
     s: dict = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", ""),
                "warnings": []}
     ints = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Batch size": "batch_size",
-            "Batch pos": "batch_pos", "SDXL crop top": "crop_top", "SDXL crop left": "crop_left"}
+            "Batch pos": "batch_pos", "SDXL crop top": "crop_top", "SDXL crop left": "crop_left",
+            "Mask blur": "mask_blur", "Masked area padding": "masked_padding"}
     floats = {"CFG scale": "cfg", "Denoising strength": "strength", "Aesthetic score": "aesthetic_score",
               "Negative aesthetic score": "negative_aesthetic_score", "Refiner switch at": "refiner_switch_at"}
     for key, name in ints.items():
@@ -173,6 +185,9 @@ def to_settings(parsed: dict[str, str]) -> dict:
     for key, name in (("Model", "model"), ("Model hash", "model_hash")):
         if key in parsed:
             s[name] = parsed[key]
+    for key, name in (("Masked content", "masked_content"), ("Inpaint area", "inpaint_area")):
+        if key in parsed:
+            s[name] = parsed[key].strip().lower()
     if "Refiner" in parsed:
         m = re.match(r"^(.*?)(?:\s*\[([0-9a-fA-F]+)\])?$", parsed["Refiner"])
         s["refiner"], s["refiner_hash"] = m.group(1), m.group(2)
@@ -180,8 +195,10 @@ def to_settings(parsed: dict[str, str]) -> dict:
 
 
 def guess_tab(settings: dict) -> str:
-    """Which app tab the settings belong to when the checkpoint is not on disk: SDXL fields or a >= 1024 side
-    mean SDXL; 768 means SD 2 (768-v); otherwise SD 1.x."""
+    """Which app tab the settings belong to when the checkpoint is not on disk: inpainting fields mean the inpaint
+    tab; SDXL fields or a >= 1024 side mean SDXL; 768 means SD 2 (768-v); otherwise SD 1.x."""
+    if any(k in settings for k in ("mask_blur", "masked_content", "inpaint_area", "masked_padding")):
+        return "inpaint"
     if any(k in settings for k in ("sdxl_original_size", "sdxl_target_size", "sdxl_crop", "refiner",
                                    "aesthetic_score")):
         return "sdxl"

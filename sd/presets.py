@@ -1,9 +1,11 @@
 """Per-family defaults read from `presets/*.json` (one file per family or variant).
 
 A preset is a plain dict: name, label, families, status ("runs" or "not implemented yet"), width, height, steps,
-sampler (internal name, see `sd.samplers.SAMPLERS`), schedule, cfg, prediction, latent {channels, factor, scale,
-shift}, expects (the checkpoints it is meant for) and notes. The app fills a tab from `preset_for(spec)` when its
-checkpoint changes; nothing here affects what the engine computes.
+sampler (internal name, see `sd.samplers.SAMPLERS`), schedule, cfg, prediction, expects (the checkpoints it is meant
+for) and notes. The latent format is not here: it is the family's (`sd.families`, one source); presets of families
+without a module yet (sd3, ldm) still carry a `latent` entry for their future tab. Which preset a family uses is the
+family's `preset` / `preset_v` field. The app fills a tab from `preset_for(spec)` when its checkpoint changes; the
+engine reads only `prediction` from here (`sd.families.preset_predictions`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .config import ModelSpec
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = ("name", "label", "families", "status", "width", "height", "steps", "sampler", "schedule", "cfg",
-            "prediction", "latent")
+            "prediction")
 
 
 def load_presets(folder: str | Path = PRESETS_DIR) -> dict[str, dict]:
@@ -33,11 +35,12 @@ def preset_name(family: str, prediction: str | None = None, is_demo: bool = Fals
     """Which preset a detected checkpoint uses: sd2 splits on its prediction type (512 eps / 768 v)."""
     if is_demo:
         return "demo"
-    if family == "sd2":
-        return "sd2-v" if prediction == "v" else "sd2"
-    if family.startswith("sd2-unclip"):
-        return "sd2-unclip"
-    return family
+    from .families import get_family
+
+    try:
+        return get_family(family).preset_for(prediction)
+    except KeyError:
+        return family  # sd3, ldm: presets of families without a module yet
 
 
 def preset_for(spec: ModelSpec | None, presets: dict[str, dict], is_demo: bool = False,

@@ -5,7 +5,7 @@ One sigma schedule (the SDXL discrete schedule, shared by both models, so the si
 size/crop/target vector), then the same latent continues with the refiner's conditioning (bigG, size/crop +
 aesthetic score) for the remaining steps, and the refiner's VAE decodes. The per-step noise of ancestral samplers
 comes from one generator (seed + 1) across both stages. `switch_at` 1 is the base alone; 0 is the refiner alone,
-which equals `generate(refiner, params)`.
+which equals `generate(refiner, params)`. Which model may refine which is the refiner family's `refines` field.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
                           stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
     """Text (or image) to images with the base for the first part of the schedule and the refiner for the rest.
     Callback infos carry `step`/`total` over the whole run and `model` ("base" or "refiner")."""
-    if not base.spec.family.startswith("sdxl") or refiner.spec.family != "sdxl-refiner":
-        raise ValueError(f"the refiner hand-off needs an SDXL base and an SDXL refiner, got {base.spec.family} "
-                         f"and {refiner.spec.family}")
+    if base.spec.family not in refiner.family.refines:
+        raise ValueError(f"{refiner.spec.family} cannot continue a {base.spec.family} model (the refiner hand-off "
+                         f"needs a refiner of it, e.g. an SDXL base and an SDXL refiner)")
     check_params(base.spec, p)
     check_params(refiner.spec, p)
     x, sigmas = start_latent(base, p)  # one schedule for both: they share the SDXL training sigmas

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sd.detect import preset_predictions
+from sd.families import FAMILIES, get_family
 from sd.models_dir import ModelIndex, by_tab, checkpoint_files, resolve_models_dir
 from sd.presets import load_presets, preset_for
 from sd.preview import SD_FACTORS, SDXL_BIAS, SDXL_FACTORS, latent_to_rgb, preview_every, preview_image
@@ -87,7 +88,10 @@ def test_presets_are_complete_and_agree_with_detection():
     assert known["sd1"] == "eps" and known["sdxl-base"] == "eps" and known["sd2-x4-upscaler"] == "v"
     assert known["sd2-unclip-h"] == "v" and "sd2" not in known
     assert (presets["sd2-v"]["width"], presets["sdxl-base"]["width"], presets["demo"]["width"]) == (768, 1024, 64)
-    assert presets["sdxl-base"]["latent"]["scale"] == 0.13025 and presets["sd3"]["latent"]["channels"] == 16
+    # the latent format is the family's alone (one source); only presets of families without a module carry one
+    assert get_family("sdxl-base").latent.scale == 0.13025 and presets["sd3"]["latent"]["channels"] == 16
+    families = {f.name for f in FAMILIES}
+    assert [p["name"] for p in presets.values() if "latent" in p and set(p["families"]) & families] == []
     assert preset_for(None, presets, family="sd2")["name"] == "sd2"
 
 

@@ -3,7 +3,11 @@
 `tiny_state_dict(name)` takes the spec detected from `tests/data/checkpoint-keys/<name>.json`, keeps its
 structure (levels, blocks, depths, layers: so every key name is the released one) and shrinks the widths
 (UNet 32/64 channels, text towers 64 wide, VAE 32). Extra tensors the released file carries (schedule buffers,
-position_ids, the SGM sigma table) are added too, so the key set equals the reference list.
+position_ids, the SGM sigma table) are added too, with the values the released files hold (the family's LDM betas
+and what follows from them), so the key set equals the reference list.
+
+Layouts without a released key list are derived from one: `sd1_inpaint` and `sdxl_inpaint` are the SD1 / SDXL
+layouts with a 9-channel `input_blocks.0.0.weight` (as sd-v1-5-inpainting and the SDXL inpainting 0.1 files are).
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import torch
 
 from sd.checkpoint import ignore_reason
 from sd.config import ModelSpec
-from sd.detect import SDXL_FOURIER, detect
+from sd.denoiser import discrete_sigmas
+from sd.detect import detect
+from sd.families import get_family
 from sd.loader import expected_tensors
 
 # The released key lists (copied from the reference repository into tests/data: names and shapes only).
@@ -24,9 +30,17 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "checkpoint-keys"
 TEXT_WIDTH = 64
 
 
+# derived layouts: name -> (released key list, {key: shape} overrides)
+DERIVED = {
+    "sd1_inpaint": ("sd1", {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}),
+    "sdxl_inpaint": ("sdxl_base", {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}),
+}
+
+
 def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    ref = json.loads((REFERENCE_DIR / f"{name}.json").read_text())
-    return {k: tuple(v) for k, v in ref["tensors"].items()}
+    base, over = DERIVED.get(name, (name, {}))
+    ref = json.loads((REFERENCE_DIR / f"{base}.json").read_text())
+    return {**{k: tuple(v) for k, v in ref["tensors"].items()}, **over}
 
 
 def tiny_spec(name: str) -> ModelSpec:
@@ -37,13 +51,10 @@ def tiny_spec(name: str) -> ModelSpec:
     u = spec.unet
     mc = 32 if u.num_head_channels < 0 else 64
     ctx = sum(t.width for t in texts)
-    if spec.family == "sdxl-refiner":
-        ctx = texts[0].width
-    adm = 0
-    if u.adm_in_channels:
-        n = 6 if spec.family.startswith("sdxl-base") or spec.family == "sdxl-inpaint" else 5
-        adm = TEXT_WIDTH + n * SDXL_FOURIER if spec.family.startswith("sdxl") else 2 * TEXT_WIDTH
-    unet = replace(u, model_channels=mc, context_dim=ctx, adm_in_channels=adm)
+    fam = get_family(spec.family)
+    unet = replace(u, model_channels=mc, context_dim=ctx)
+    adm = fam.vector_width(texts, unet) if fam.vector_width and u.adm_in_channels else 0
+    unet = replace(unet, adm_in_channels=adm)
     vae = replace(spec.vae, ch=32) if spec.vae else None
     return replace(spec, unet=unet, vae=vae, text_encoders=texts)
 
@@ -62,6 +73,7 @@ def _random_like(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.
 def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights for the tiny version of reference layout `name`, plus the file's extra buffers."""
     spec = tiny_spec(name)
+    buffers = schedule_buffers(*get_family(spec.family).schedule)
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for comp in expected_tensors(spec).values():
@@ -72,9 +84,25 @@ def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
             continue
         if k.endswith("position_ids"):
             sd[k] = torch.arange(shape[-1])[None]
+        elif k in buffers:
+            sd[k] = buffers[k]
         else:
             sd[k] = torch.zeros(shape)
     return sd
+
+
+def schedule_buffers(linear_start: float, linear_end: float, steps: int = 1000) -> dict[str, torch.Tensor]:
+    """The LDM DDPM buffers of a "linear" schedule (as `ldm.models.diffusion.ddpm.register_schedule` stores them,
+    float32) and SGM's `denoiser.sigmas`."""
+    betas = torch.linspace(math.sqrt(linear_start), math.sqrt(linear_end), steps, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    out = {"betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": prev, "sqrt_alphas_cumprod": abar.sqrt(),
+           "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(), "log_one_minus_alphas_cumprod": (1 - abar).log(),
+           "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt()}
+    out = {k: v.float() for k, v in out.items()}
+    out["denoiser.sigmas"] = discrete_sigmas(linear_start, linear_end, steps)
+    return out
 
 
 def write_tiny(name: str, path: Path, seed: int = 0) -> Path:

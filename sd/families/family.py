@@ -1,0 +1,96 @@
+"""The two small frozen dataclasses every family module fills in: `Family` (one per model family) and `Input`
+(one per extra request input a family takes beyond the common ones).
+
+A family is the unit a user thinks in (sd1, sd2-inpaint, sdxl-refiner ...), so everything the engine must know
+about it is declared here, in one value, and nothing outside `sd/families/` tests family names. The shape follows
+ComfyUI's `supported_models.py` (one declaration per model, numbers read from shapes) without its class hierarchy,
+and SGM's `GeneralConditioner` output (`crossattn` / `vector` / `concat`) without its import strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import LatentFormat, ModelSpec, TextEncoderConfig, UNetConfig, VAEConfig
+
+Shapes = dict[str, tuple[int, ...]]
+INPUT_KINDS = ("image", "mask", "number", "choice", "text", "bool")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One extra request input (GenerateParams.inputs[name]); the CLI flags and the app's form are built from it."""
+
+    name: str                                  # key in GenerateParams.inputs (and the app's API parameter name)
+    kind: str                                  # image | mask | number | choice | text | bool
+    label: str                                 # what a form shows
+    default: Any = None                        # used when the request leaves it out (None: no value)
+    min: float | None = None                   # number: bounds (inclusive)
+    max: float | None = None
+    choices: tuple[str, ...] = ()              # choice: the allowed values
+    required: bool = False                     # a request without it is refused (ValueError naming it)
+    help: str = ""                             # one sentence for tooltips and --help
+    cli: str = ""                              # CLI flag; "" = "--" + name with dashes
+
+    def __post_init__(self):
+        assert self.kind in INPUT_KINDS, f"{self.name}: unknown input kind {self.kind!r}"
+
+    @property
+    def flag(self) -> str:
+        return self.cli or "--" + self.name.replace("_", "-")
+
+
+Matcher = Callable[[Shapes, UNetConfig], bool]
+Builder = Callable[[Shapes, UNetConfig], tuple[VAEConfig | None, tuple[TextEncoderConfig, ...]]]
+# condition(parts, spec, request, generator) -> (cond, uncond): dicts of crossattn (B, T, D), vector (B, A) and
+# concat (B, C, h, w); `parts` has .text_encoders and .vae, `request` is a GenerateParams (duck-typed: no import).
+Conditioner = Callable[[Any, ModelSpec, Any, Any], tuple[dict, dict]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the engine knows about one model family."""
+
+    name: str                                  # ModelSpec.family, preset and infotext key ("sd2-inpaint")
+    label: str                                 # human name ("SD 2 inpainting")
+    tab: str                                   # app tab id: "sd1" / "sd2" / "sdxl" / "inpaint" / "variants"
+    matches: Matcher                           # structure test on {key: shape} (+ the UNet read from it); the
+                                               # table's matchers are mutually exclusive (tests/test_families.py)
+    build: Builder                             # (VAE, text towers) read from shapes
+    latent: LatentFormat                       # the one source of the latent scale/shift/channels/factor
+    condition: Conditioner | None = None       # None: detected and loaded but not runnable yet
+    concat: tuple[tuple[str, int], ...] = ()   # channels appended to the latent, in order ("mask", 1), ...;
+                                               # latent.channels + sum == UNet in_channels (checked at detection)
+    vector_width: Callable[[tuple[TextEncoderConfig, ...], UNetConfig], int] | None = None
+                                               # expected UNet adm width; None: the UNet takes no vector
+    empty_negative: str = "encode"             # "encode": "" is run through the towers; "zeros" (SDXL, as SGM)
+    inputs: tuple[Input, ...] = ()             # extra request inputs (GenerateParams.inputs, validated)
+    options: tuple[Input, ...] = ()            # options applied around the model by the caller with sd.inpaint's
+                                               # functions (mask blur, only masked, paste back); never passed to
+                                               # generate, recorded in the infotext
+    check: Callable[[dict], None] | None = None  # completed inputs -> raises ValueError saying what to change
+    schedule: tuple[float, float, int] = (0.00085, 0.012, 1000)  # LDM "linear" betas when the file has none
+    default_size: int = 512                    # side trained at
+    v_size: int | None = None                  # side of the v-prediction variant of the same layout (SD 2: 768)
+    refines: tuple[str, ...] = ()              # families whose latents this one may continue (SDXL refiner)
+    preview: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] = ((), ())  # latent->RGB (C, 3) and bias (3,)
+    infotext: Callable[[dict], dict[str, str]] | None = None  # build_parameters kwargs -> extra A1111 fields
+    preset: str = ""                           # presets/<name>.json ("" = the family name)
+    preset_v: str = ""                         # the preset when the prediction is v ("" = preset)
+    parts: tuple[tuple[str, str], ...] = ()    # extra checkpoint parts (prefix, what) the engine does not run yet
+    unsupported: str = ""                      # why a request is refused when condition is None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def runs(self) -> bool:
+        return self.condition is not None
+
+    def concat_channels(self) -> int:
+        return sum(c for _, c in self.concat)
+
+    def size_for(self, prediction: str | None) -> int:
+        return self.v_size if prediction == "v" and self.v_size else self.default_size
+
+    def preset_for(self, prediction: str | None) -> str:
+        base = self.preset or self.name
+        return (self.preset_v or base) if prediction == "v" else base

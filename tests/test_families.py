@@ -224,3 +224,28 @@ def test_a_new_family_runs_through_the_cli(hint_family, tmp_path, capsys) -> Non
     again = generate(model, GenerateParams(prompt="a cat", width=32, height=32, steps=2, seed=0,
                                            inputs={"hint": Image.open(hint_png), "gain": 2.0})).latents
     assert torch.equal(z, again)
+
+
+def test_sigmas_come_from_the_file_where_it_has_them(tmp_path) -> None:
+    """LDM files carry `betas`, SGM files `denoiser.sigmas`; without either the family's schedule is used."""
+    from safetensors.torch import save_file
+
+    from sd.denoiser import discrete_sigmas, sigmas_from_betas
+
+    sd_ = tiny_state_dict("sd1")
+    betas = torch.linspace(0.0001**0.5, 0.02**0.5, 1000, dtype=torch.float64) ** 2  # another schedule (x4 upscaler's)
+    sd_["betas"] = betas.float()
+    save_file(sd_, str(tmp_path / "own.safetensors"))
+    own = load_model(tmp_path / "own.safetensors")
+    assert own.sigmas_source == "the file's betas"
+    assert torch.equal(own.sigmas, sigmas_from_betas(betas.float()))
+    assert own.sigmas[-1] > 2 * discrete_sigmas()[-1]            # really another schedule: sigma_max 36.9 vs 14.6
+    del sd_["betas"]
+    save_file(sd_, str(tmp_path / "none.safetensors"))
+    none = load_model(tmp_path / "none.safetensors")
+    assert none.sigmas_source.startswith("the sd1 schedule") and torch.equal(none.sigmas, discrete_sigmas())
+    xl = tiny_state_dict("sdxl_refiner")
+    xl["denoiser.sigmas"] = discrete_sigmas() * 1.5
+    save_file(xl, str(tmp_path / "xl.safetensors"))
+    m = load_model(tmp_path / "xl.safetensors")
+    assert m.sigmas_source == "the file's denoiser.sigmas" and torch.equal(m.sigmas, discrete_sigmas() * 1.5)

@@ -87,3 +87,24 @@ def test_read_jpeg_user_comment(tmp_path):
     Image.new("RGB", (16, 16)).save(path, exif=exif)
     assert read_parameters(path) == text
     assert read_parameters(Image.new("RGB", (4, 4))) is None
+
+
+def test_inpaint_fields_round_trip():
+    """The inpainting families add A1111's img2img-inpaint fields; they parse back and point to the inpaint tab."""
+    text = build_parameters(**dict(BASE, model_name="512-inpainting-ema"), family="sd2-inpaint",
+                            denoising_strength=1.0, mask_blur=4, masked_content="fill", inpaint_area="only masked",
+                            masked_padding=32)
+    assert text.endswith("Model: 512-inpainting-ema, Denoising strength: 1, Mask blur: 4, Masked content: fill, "
+                         "Inpaint area: Only masked, Masked area padding: 32, Version: sd-playground")
+    s = to_settings(parse_parameters(text))
+    assert (s["strength"], s["mask_blur"], s["masked_content"], s["inpaint_area"], s["masked_padding"]) == (
+        1.0, 4, "fill", "only masked", 32)
+    assert guess_tab(s) == "inpaint"
+    # SDXL inpainting writes the SDXL size fields as well; a family without inpainting ignores the mask fields
+    xl = build_parameters(**BASE, family="sdxl-inpaint", mask_blur=8, inpaint_area="whole picture")
+    assert "SDXL target size: 512x512, Mask blur: 8, Inpaint area: Whole picture, Version" in xl
+    assert "Mask blur" not in build_parameters(**BASE, family="sd1", mask_blur=4)
+    # an A1111 inpaint text
+    a = to_settings(parse_parameters("a hat\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512, Denoising strength: "
+                                     "0.75, Mask blur: 4, Inpaint area: Whole picture, Masked content: original"))
+    assert (a["mask_blur"], a["inpaint_area"], a["masked_content"]) == (4, "whole picture", "original")

@@ -54,7 +54,8 @@ def _fit(v, batch: int):
 
 
 def slg_cfg_denoiser(denoise: Callable[..., Tensor], cond: dict, uncond: dict | None, cfg_scale: float,
-                     sigmas: Tensor, slg: SkipLayerGuidance = SkipLayerGuidance()) -> Callable[[Tensor, Tensor], Tensor]:
+                     sigmas: Tensor, slg: SkipLayerGuidance = SkipLayerGuidance()
+                     ) -> Callable[[Tensor, Tensor], Tensor]:
     """CFG (`sd.guidance.cfg_denoiser`) plus skip-layer guidance in its window of steps.
 
     denoise(x, sigma, **cond) -> denoised; cond / uncond as for cfg_denoiser; sigmas: the (steps + 1,) schedule

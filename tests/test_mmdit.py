@@ -9,7 +9,7 @@ import torch
 
 from sd.checkpoint import ignore_reason
 from sd.mmdit import MMDiT, MMDiTConfig, expected_keys, load_mmdit, mmdit_config_for
-from sd.sd3_text import (CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, UNUSED_CLIP_L_PROJECTION, clip_g_sd3_config,
+from sd.sd3_text import (CLIP_L_PREFIX, T5_PREFIX, UNUSED_CLIP_L_PROJECTION, clip_g_sd3_config,
                          clip_l_sd3_config)
 from sd.t5 import build_t5, t5_config_for
 from sd.text import expected_keys as text_expected_keys
@@ -199,7 +199,8 @@ def test_load_mmdit_reads_config_and_is_strict() -> None:
     m = load_mmdit(sd, device="cpu", dtype=torch.float32)
     assert m.cfg == tiny_mmdit_config("sd35_medium")
     assert torch.equal(m.pos_embed, sd[PREFIX + "pos_embed"])
-    assert torch.equal(m.joint_blocks[0].x_block.attn2.qkv.weight, sd[PREFIX + "joint_blocks.0.x_block.attn2.qkv.weight"])
+    attn2 = m.joint_blocks[0].x_block.attn2.qkv.weight
+    assert torch.equal(attn2, sd[PREFIX + "joint_blocks.0.x_block.attn2.qkv.weight"])
     broken = dict(sd)
     del broken[PREFIX + "joint_blocks.1.x_block.mlp.fc2.bias"]
     with pytest.raises(ValueError, match=r"joint_blocks\.1\.x_block\.mlp\.fc2\.bias"):

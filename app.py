@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
+from sd import families
 from sd.checkpoint import CheckpointError
+from sd.families import Family, Input
 from sd.models_dir import Entry, ModelIndex, NotInModelsFolder, by_tab, resolve_models_dir
 from sd.pipeline import GenerateParams, LoadedModel, ModelCache, generate, parse_dtype
 from sd.pnginfo import build_parameters, guess_tab, parse_parameters, read_parameters, save_png, to_settings
@@ -38,18 +42,68 @@ from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
-TAB_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-TAB_FAMILIES = {"sd1": ("sd1",), "sd2": ("sd2",), "sdxl": ("sdxl-base", "sdxl-refiner")}
+# Names of the generate tabs (a family's `tab` id); a tab id missing here is named after its first family.
+TAB_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "inpaint": "Inpaint"}
 SAMPLER_OF_DISPLAY = {v: k for k, v in DISPLAY_NAMES.items()}
 SCHEDULE_OF_DISPLAY = {v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
 COMMON_INPUTS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
-                 "height", "batch_size", "batch_count", "init_image", "strength")
-SD2_INPUTS = ("prediction",)
+                 "height", "batch_size", "batch_count")
+IMG2IMG_INPUTS = ("init_image", "strength")      # tabs whose families take no "image" input of their own
+PREDICTION_INPUTS = ("prediction",)              # tabs with a family whose eps/v is settled by a probe
 SDXL_INPUTS = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
                "refiner", "switch_at", "aesthetic_score", "negative_aesthetic_score")
 OUTPUTS = ("gallery", "preview", "status", "infotext", "used_seed", "facts")
 PRESET_FIELDS = ("facts", "width", "height", "steps", "sampler", "schedule", "cfg", "original_width",
                  "original_height", "target_width", "target_height", "crop_top", "crop_left")
+
+
+def family_tabs() -> dict[str, tuple[Family, ...]]:
+    """Generate tab id -> the runnable families it lists (tabs in TAB_NAMES order, then new ones; families in the
+    order of the family table, read now, so a family added to the table gets a tab with no code of its own)."""
+    tabs: dict[str, list[Family]] = {}
+    for fam in families.FAMILIES:
+        if fam.runs:
+            tabs.setdefault(fam.tab, []).append(fam)
+    order = [t for t in TAB_NAMES if t in tabs] + [t for t in tabs if t not in TAB_NAMES]
+    return {t: tuple(tabs[t]) for t in order}
+
+
+def tab_label(tab: str) -> str:
+    fams = family_tabs().get(tab)
+    return TAB_NAMES.get(tab) or (fams[0].label if fams else tab)
+
+
+def tab_of_family(name: str) -> str | None:
+    """The generate tab that runs a family, or None when no tab runs it (yet)."""
+    return next((t for t, fams in family_tabs().items() if any(f.name == name for f in fams)), None)
+
+
+def refiner_of(base: str) -> list[str]:
+    """Families that may continue the latents of family `base` (the SDXL refiner continues the SDXL base)."""
+    return [f.name for f in families.FAMILIES if base in f.refines]
+
+
+def tab_inputs(tab: str) -> tuple[str, ...]:
+    """The API parameter names of a tab's Generate, in order: the common ones, then what its families declare
+    (img2img unless they take an image of their own, the eps/v override, SDXL's size conditioning and refiner,
+    each family input and option)."""
+    fams = family_tabs()[tab]
+    names = list(COMMON_INPUTS)
+    declared = [i for f in fams for i in (*f.inputs, *f.options)]
+    if not any(i.kind == "image" for i in declared):
+        names += IMG2IMG_INPUTS
+    if any(f.v_size for f in fams):
+        names += PREDICTION_INPUTS
+    if any(refiner_of(f.name) for f in fams):
+        names += SDXL_INPUTS
+    for inp in declared:
+        if inp.name not in names:
+            names.append(inp.name)
+    return tuple(names)
+
+
+def declared_input(tab: str, name: str) -> Input | None:
+    return next((i for f in family_tabs()[tab] for i in (*f.inputs, *f.options) if i.name == name), None)
 
 
 @dataclass
@@ -70,6 +124,13 @@ class AppContext:
     def demo_available(self) -> bool:
         return self.demo_path is not None and self.demo_path.is_file()
 
+    def demo_tab(self) -> str | None:
+        """The tab that offers the built-in demo model (its family's), or None without one."""
+        if not self.demo_available():
+            return None
+        entry = self.index.detect(self.demo_path)
+        return tab_of_family(entry.family) if entry.family else None
+
 
 @dataclass
 class RunOutput:
@@ -87,23 +148,25 @@ class RunOutput:
 def tab_choices(ctx: AppContext, tab: str, entries: list[Entry]) -> list[tuple[str, str]]:
     """(label, value) pairs of a tab's checkpoint dropdown; undetected .ckpt files appear in every tab."""
     groups = by_tab(entries)
-    choices = [(DEMO_LABEL, DEMO_LABEL)] if tab == "sd1" and ctx.demo_available() else []
+    fams = family_tabs().get(tab, ())
+    choices = [(DEMO_LABEL, DEMO_LABEL)] if tab == ctx.demo_tab() else []
     for e in groups.get(tab, []):
-        label = e.name if e.family in ("sd1", "sd2", "sdxl-base") else f"{e.name} ({e.family})"
-        choices.append((label, e.name))
+        main = bool(fams) and e.family == fams[0].name   # the tab's own family is listed by name alone
+        choices.append((e.name if main else f"{e.name} ({e.family})", e.name))
     choices += [(f"{e.name} (.ckpt, detected when selected)", e.name) for e in groups.get("unsorted", [])]
     return choices
 
 
 def refiner_choices(entries: list[Entry]) -> list[tuple[str, str]]:
-    return [(NO_REFINER, NO_REFINER)] + [(e.name, e.name) for e in entries if e.family == "sdxl-refiner"]
+    refiners = {f.name for f in families.FAMILIES if f.refines}
+    return [(NO_REFINER, NO_REFINER)] + [(e.name, e.name) for e in entries if e.family in refiners]
 
 
 def default_choice(ctx: AppContext, tab: str, entries: list[Entry]) -> str | None:
-    """The demo model when the folder has nothing for SD 1.x, else the first listed file."""
+    """The demo model when the folder has nothing for the demo's tab, else the first listed file."""
     choices = tab_choices(ctx, tab, entries)
     real = [v for _, v in choices if v != DEMO_LABEL]
-    if tab == "sd1" and ctx.demo_available() and not any(e.family == "sd1" for e in entries):
+    if tab == ctx.demo_tab() and not any(e.tab == tab for e in entries):
         return DEMO_LABEL
     return real[0] if real else (choices[0][1] if choices else None)
 
@@ -131,12 +194,12 @@ def banner(ctx: AppContext, entries: list[Entry]) -> str:
     """What the models folder holds, and where to put files when it holds nothing."""
     root = ctx.index.root.resolve()
     groups = by_tab(entries)
-    counts = ", ".join(f"{TAB_LABELS.get(t, t)}: {len(v)}" for t, v in groups.items() if t != "unusable")
+    counts = ", ".join(f"{tab_label(t)}: {len(v)}" for t, v in groups.items() if t != "unusable")
     text = f"Models folder: `{root}`" + (f" ({counts})" if counts else "")
     if not ctx.demo_available():
         text += ("  \nThe built-in demo model is not available in this install "
                  f"(`{ctx.demo_path}` is missing; `python -m sd train` rebuilds it).")
-    if not any(e.tab in ("sd1", "sd2", "sdxl", "unsorted") for e in entries):
+    if not any(e.tab in (*family_tabs(), "unsorted") for e in entries):
         text += (f"  \n**No checkpoint found.** Put `.safetensors` or `.ckpt` files in `{root}` (or start with "
                  "`--models-dir` pointing at an AUTOMATIC1111 `models/Stable-diffusion` or ComfyUI "
                  "`models/checkpoints` folder), then press Refresh. To download an official one (needs a reachable "
@@ -186,10 +249,10 @@ def preset_updates(ctx: AppContext, value: str, prediction: str | None = None, p
     except USER_ERRORS as e:
         return {"facts": f"**cannot use this file:** {e}"}
     facts = describe(spec, path, is_demo)
-    if tab is not None and spec.family not in TAB_FAMILIES[tab]:
-        right = next((t for t, fams in TAB_FAMILIES.items() if spec.family in fams), None)
+    if tab is not None and tab_of_family(spec.family) != tab:
+        right = tab_of_family(spec.family)
         facts = (f"**This is a `{spec.family}` checkpoint: "
-                 + (f"use the {TAB_LABELS[right]} tab.**" if right else "this app cannot run it yet.**")
+                 + (f"use the {tab_label(right)} tab.**" if right else "this app cannot run it yet.**")
                  + "  \n" + facts)
         return {"facts": facts}
     p = preset_for(spec, ctx.presets, is_demo=is_demo)
@@ -233,10 +296,19 @@ def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
     checkpoint's preset (size, steps, sampler, schedule, CFG), then the plain defaults above; SDXL's original and
     target sizes follow the output size, as in the form."""
     s = dict(s)
+    for name in s:
+        inp = declared_input(tab, name) if name not in COMMON_INPUTS else None
+        if inp is not None and s[name] is None:
+            s[name] = inp.default
+    image = s.get("image")
+    if image is not None and hasattr(image, "size"):  # pixel inputs: the output size defaults to the image's
+        for side, v in zip(("width", "height"), image.size):
+            if s.get(side) is None:
+                s[side] = max(64, v // 8 * 8)
     if not s.get("checkpoint"):
         s["checkpoint"] = default_choice(ctx, tab, ctx.index.scan())
         if s["checkpoint"] is None:
-            raise ValueError(f"no checkpoint for the {TAB_LABELS[tab]} tab in the models folder; put one there "
+            raise ValueError(f"no checkpoint for the {tab_label(tab)} tab in the models folder; put one there "
                              "and press Refresh")
     if any(v is None for k, v in s.items() if k not in PLAIN_DEFAULTS and k != "init_image"):
         pred = s.get("prediction") if s.get("prediction") in ("eps", "v") else None
@@ -308,19 +380,20 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
     """The request's checkpoint (and refiner), checked against the tab's families."""
     prediction = s.get("prediction") if s.get("prediction") in ("eps", "v") else None
     path, spec, _ = selection(ctx, s["checkpoint"], prediction)
-    if spec.family not in TAB_FAMILIES[tab]:
-        right = next((t for t, fams in TAB_FAMILIES.items() if spec.family in fams), None)
-        where = f"use the {TAB_LABELS[right]} tab (/generate_{right})" if right else "this app cannot run it yet"
+    if tab_of_family(spec.family) != tab:
+        right = tab_of_family(spec.family)
+        where = f"use the {tab_label(right)} tab (/generate_{right})" if right else "this app cannot run it yet"
         raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
     model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction)
     refiner = None
     if s.get("refiner") and s["refiner"] != NO_REFINER:
-        if spec.family != "sdxl-base":
-            raise ValueError("the refiner continues an SDXL base: choose a base checkpoint, or set refiner to None")
+        if not refiner_of(spec.family):
+            raise ValueError(f"a {spec.family} checkpoint has no refiner: choose a base checkpoint the refiner "
+                             "continues, or set refiner to None")
         rpath = ctx.index.resolve(s["refiner"])
         refiner = ctx.cache.get(rpath, ctx.device, ctx.dtype)
-        if refiner.spec.family != "sdxl-refiner":
-            raise ValueError(f"{rpath.name} is a {refiner.spec.family} checkpoint, not an SDXL refiner")
+        if refiner.spec.family not in refiner_of(spec.family):
+            raise ValueError(f"{rpath.name} is a {refiner.spec.family} checkpoint, not a refiner of {spec.family}")
     return model, refiner
 
 
@@ -342,10 +415,12 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
         raise ValueError(f"batch count must be between 1 and {MAX_BATCH_COUNT}, got {count}")
     _params(s, seed)  # refuse a malformed request before loading anything
     model, refiner = _load(ctx, tab, s)
+    inputs, finish, notes = family_inputs(model.family, s, _num(s, "width"), _num(s, "height"))
     every = preview_every(steps)
     gallery, texts, done_steps, stopped = [], [], 0, False
     for n in range(count):
         p = _params(s, seed + n * int(s["batch_size"]))
+        p.inputs = inputs
         base_done = done_steps
 
         def on_step(info: dict, base_done=base_done) -> None:
@@ -362,14 +437,18 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
         else:
             res = generate(model, p, callback=on_step, stop=stop)
         done_steps += res.steps_done
+        notes += [n for n in res.info.get("notes", []) if n not in notes]
         if abandoned is not None and abandoned.is_set():
             raise Abandoned(f"the client disconnected after {done_steps} steps; nothing was saved")
+        options = {i.name: s.get(i.name) for i in model.family.options}
         for i, img in enumerate(res.images):
+            img = finish(img)
             text = build_parameters(
                 prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, sampler=p.sampler,
                 schedule=p.schedule, cfg=p.cfg, seed=p.seed, width=p.width, height=p.height, model_name=model.name,
                 model_hash=model.short_hash, family=model.spec.family,
-                denoising_strength=p.strength if p.init_image is not None else None,
+                denoising_strength=p.strength if p.init_image is not None else (1.0 if "mask" in inputs else None),
+                **{k: v for k, v in options.items() if k in BUILD_OPTIONS},
                 sdxl_original_size=p.sdxl_original_size, sdxl_crop=p.sdxl_crop, sdxl_target_size=p.sdxl_target_size,
                 aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
                 refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,
@@ -384,8 +463,51 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
             break
     status = (f"stopped after {done_steps} of {steps * count} steps" if stopped else
               f"done: {len(gallery)} image(s), {done_steps} steps") + f"; seed {seed}; {token_note(s['prompt'])}"
+    status += "".join(f"  \n*{n}*" for n in notes)
     facts = describe(model.spec, model.path, model.path == ctx.demo_path)
     return RunOutput(gallery, texts[0] if texts else "", seed, status, facts)
+
+
+BUILD_OPTIONS = ("mask_blur", "masked_content", "inpaint_area", "masked_padding")  # infotext fields of the options
+
+
+def family_inputs(fam: Family, s: dict, width: int, height: int):
+    """(inputs for GenerateParams.inputs, finish(image) -> image, notes) of a request for a family.
+
+    The family's declared inputs are taken from the request. An image + mask pair (inpainting) goes through
+    AUTOMATIC1111's options (sd.inpaint): the mask blurred by `mask_blur`; "only masked" crops the mask's box plus
+    `masked_padding` at the output size and pastes the result back into the full image; otherwise the image is
+    resized to the output size when it differs (the note says so); "fill" paints the masked area from its
+    surroundings first; `paste_back` keeps the original pixels outside the mask."""
+    from sd import inpaint
+
+    inputs = {i.name: s[i.name] for i in fam.inputs if s.get(i.name) is not None}
+    notes: list[str] = []
+    if not {"image", "mask"} <= set(inputs):
+        return inputs, (lambda img: img), notes
+    image = inpaint.load_image(inputs["image"], "image").convert("RGB")
+    mask = inpaint.load_image(inputs["mask"], "mask").convert("L")
+    inpaint.check_mask(image, mask)
+    blurred = inpaint.blur_mask(mask, float(s.get("mask_blur") or 0))
+    box = None
+    if s.get("inpaint_area") == "only masked":
+        box = inpaint.masked_crop_box(mask, width, height, int(s.get("masked_padding") or 0))
+        img_in, mask_in = inpaint.crop_to(image, box, width, height), inpaint.crop_to(blurred, box, width, height)
+        notes.append(f"only masked: the box {box} of the {image.width}x{image.height} image was inpainted at "
+                     f"{width}x{height} and pasted back")
+    elif image.size != (width, height):
+        img_in, mask_in = image.resize((width, height), Image.LANCZOS), blurred.resize((width, height), Image.LANCZOS)
+        notes.append(f"the {image.width}x{image.height} image and its mask were resized to {width}x{height}")
+    else:
+        img_in, mask_in = image, blurred
+    if s.get("masked_content") == "fill":
+        img_in = inpaint.fill_masked(img_in, mask_in)
+    back = box is not None or bool(s.get("paste_back"))
+
+    def finish(result):
+        return inpaint.paste_back(image, result, blurred, box) if back else result
+
+    return {**inputs, "image": img_in, "mask": mask_in}, finish, notes
 
 
 def preview_size(width: int, height: int, short: int = 256) -> tuple[int, int]:
@@ -461,11 +583,14 @@ def _size_slider(label: str, value: int, elem_id: str) -> gr.Slider:
 
 
 def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
-    """The components of one family tab, keyed by name (also the API parameter names)."""
+    """The components of one family tab, keyed by name (also the API parameter names). The form is the common one
+    plus what `tab_inputs` derives from the tab's families; every declared family input gets a component."""
     c: dict = {"touched": gr.State([])}
+    names = tab_inputs(tab)
+    fams = family_tabs()[tab]
     value = default_choice(ctx, tab, entries)
     start = preset_updates(ctx, value, probe=False) if value else {"facts": "*no checkpoint for this tab in the models folder*"}
-    fallback = ctx.presets["sdxl-base" if tab == "sdxl" else tab]
+    fallback = ctx.presets[fams[0].preset_for(None)]
     get = lambda k: start.get(k, fallback.get(k))  # noqa: E731
     with gr.Row():
         with gr.Column(scale=3):
@@ -473,19 +598,20 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["checkpoint"] = gr.Dropdown(tab_choices(ctx, tab, entries), value=value, label="Checkpoint",
                                               allow_custom_value=True, elem_id=f"{tab}-checkpoint", scale=5)
                 c["refresh"] = gr.Button("Refresh", scale=0, min_width=80, elem_id=f"{tab}-refresh")
-                if tab == "sd2":
+                if "prediction" in names:
                     c["prediction"] = gr.Dropdown(["auto", "eps", "v"], value="auto", label="Prediction type",
                                                   scale=1, elem_id=f"{tab}-prediction")
         with gr.Column(scale=2):
             c["facts"] = gr.Markdown(start["facts"], elem_id=f"{tab}-facts")
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{tab}-negative")
-    if tab == "sd1" and ctx.demo_available():
+    if tab == ctx.demo_tab():
         from sd.demo import EXAMPLE_PROMPTS
 
         gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[c["prompt"]], label="Example prompts (demo model)")
     with gr.Row():
         with gr.Column():
+            _family_input_controls(c, tab, names)
             with gr.Row():
                 c["sampler"] = gr.Dropdown(list(DISPLAY_NAMES.values()), label="Sampler", elem_id=f"{tab}-sampler",
                                            value=DISPLAY_NAMES.get(get("sampler"), get("sampler")))
@@ -505,12 +631,14 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch-size")
                 c["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count",
                                              elem_id=f"{tab}-batch-count")
-            with gr.Accordion("img2img", open=False):
-                c["init_image"] = gr.Image(type="pil", label="Init image (optional)", elem_id=f"{tab}-init-image")
-                c["strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
-                                          elem_id=f"{tab}-strength")
-            if tab == "sdxl":
-                _sdxl_controls(c, get, entries)
+            if "init_image" in names:
+                with gr.Accordion("img2img", open=False):
+                    c["init_image"] = gr.Image(type="pil", label="Init image (optional)", elem_id=f"{tab}-init-image")
+                    c["strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                              elem_id=f"{tab}-strength")
+            if "refiner" in names:
+                _sdxl_controls(c, get, entries, tab)
+            _family_option_controls(c, tab, names)
         with gr.Column():
             with gr.Row():
                 c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
@@ -527,32 +655,89 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
     return c
 
 
-def _sdxl_controls(c: dict, get, entries: list[Entry]) -> None:
+def input_component(inp: Input, elem_id: str):
+    """The Gradio component of one declared family input (its kind, label, default, bounds, choices, help)."""
+    kw = dict(label=inp.label, elem_id=elem_id, info=inp.help or None)
+    if inp.kind in ("image", "mask"):
+        kw.pop("info")
+        return gr.Image(type="pil", image_mode="L" if inp.kind == "mask" else "RGB", sources=["upload", "clipboard"],
+                        **kw)
+    if inp.kind == "number":
+        if inp.min is not None and inp.max is not None:
+            step = 1 if float(inp.default or 0).is_integer() and float(inp.min).is_integer() else 0.01
+            return gr.Slider(inp.min, inp.max, value=inp.default, step=step, **kw)
+        return gr.Number(inp.default, **kw)
+    if inp.kind == "choice":
+        return gr.Dropdown(list(inp.choices), value=inp.default, **kw)
+    if inp.kind == "bool":
+        return gr.Checkbox(value=bool(inp.default), **kw)
+    return gr.Textbox(value=inp.default or "", **kw)
+
+
+def _family_input_controls(c: dict, tab: str, names: tuple[str, ...]) -> None:
+    """The tab's declared pixel and value inputs. An image + mask pair also gets an editor to paint the mask on the
+    image in the browser; the painted strokes become the `mask` input (white = repaint)."""
+    inputs = [i for f in family_tabs()[tab] for i in f.inputs]
+    kinds = {i.kind for i in inputs}
+    if {"image", "mask"} <= kinds:
+        c["editor"] = gr.ImageEditor(type="pil", label="Paint the area to repaint over the image",
+                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                                     layers=False, elem_id=f"{tab}-editor", height=420)
+    seen = set()
+    with gr.Row():
+        for inp in inputs:
+            if inp.name not in seen:
+                seen.add(inp.name)
+                c[inp.name] = input_component(inp, f"{tab}-{inp.name.replace('_', '-')}")
+
+
+def _family_option_controls(c: dict, tab: str, names: tuple[str, ...]) -> None:
+    options = [i for f in family_tabs()[tab] for i in f.options]
+    if not options:
+        return
+    with gr.Accordion("Options", open=True):
+        seen = set()
+        with gr.Row():
+            for inp in options:
+                if inp.name not in seen:
+                    seen.add(inp.name)
+                    c[inp.name] = input_component(inp, f"{tab}-{inp.name.replace('_', '-')}")
+
+
+def editor_to_inputs(value) -> tuple:
+    """An ImageEditor value -> (image, mask): the background as RGB and the painted strokes as an L mask (white
+    where painted). (None, None) while nothing is loaded."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        return None, None
+    bg = value["background"].convert("RGB")
+    mask = np.zeros((bg.height, bg.width), dtype=np.uint8)
+    for layer in value.get("layers") or []:
+        a = np.asarray(layer.convert("RGBA").resize(bg.size))[..., 3]
+        mask = np.maximum(mask, np.where(a > 0, 255, 0).astype(np.uint8))
+    return bg, Image.fromarray(mask, "L")
+
+
+def _sdxl_controls(c: dict, get, entries: list[Entry], tab: str) -> None:
     with gr.Accordion("SDXL size conditioning", open=True):
         with gr.Row():
             c["original_width"] = _size_slider("Original width", get("width"), "sdxl-original-width")
             c["original_height"] = _size_slider("Original height", get("height"), "sdxl-original-height")
         with gr.Row():
-            c["crop_top"] = gr.Slider(0, 2048, value=0, step=8, label="Crop top", elem_id="sdxl-crop-top")
-            c["crop_left"] = gr.Slider(0, 2048, value=0, step=8, label="Crop left", elem_id="sdxl-crop-left")
+            c["crop_top"] = gr.Slider(0, 2048, value=0, step=8, label="Crop top", elem_id=f"{tab}-crop-top")
+            c["crop_left"] = gr.Slider(0, 2048, value=0, step=8, label="Crop left", elem_id=f"{tab}-crop-left")
         with gr.Row():
             c["target_width"] = _size_slider("Target width", get("width"), "sdxl-target-width")
             c["target_height"] = _size_slider("Target height", get("height"), "sdxl-target-height")
     with gr.Accordion("Refiner", open=False):
         c["refiner"] = gr.Dropdown(refiner_choices(entries), value=NO_REFINER, label="Refiner checkpoint",
-                                   allow_custom_value=True, elem_id="sdxl-refiner")
+                                   allow_custom_value=True, elem_id=f"{tab}-refiner")
         c["switch_at"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Switch at (fraction of the steps)",
-                                   elem_id="sdxl-switch-at")
+                                   elem_id=f"{tab}-switch-at")
         with gr.Row():
             c["aesthetic_score"] = gr.Slider(0, 10, value=6.0, step=0.5, label="Aesthetic score",
-                                             elem_id="sdxl-aesthetic")
+                                             elem_id=f"{tab}-aesthetic")
             c["negative_aesthetic_score"] = gr.Slider(0, 10, value=2.5, step=0.5, label="Negative aesthetic score",
-                                                      elem_id="sdxl-negative-aesthetic")
-
-
-def tab_inputs(tab: str) -> tuple[str, ...]:
-    """The API parameter names of a tab's Generate, in order."""
-    return COMMON_INPUTS + (SD2_INPUTS if tab == "sd2" else ()) + (SDXL_INPUTS if tab == "sdxl" else ())
+                                                      elem_id=f"{tab}-negative-aesthetic")
 
 
 def _generate_fn(ctx: AppContext, tab: str, names: tuple[str, ...]):
@@ -605,7 +790,17 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
     c["checkpoint"].input(on_select, [c["checkpoint"], c["touched"], *pred], fill, api_visibility="private")
     if pred:
         c["prediction"].input(on_select, [c["checkpoint"], c["touched"], *pred], fill, api_visibility="private")
-    if tab == "sdxl":  # original and target size follow the output size when the user changes it
+    if "editor" in c:  # the painted editor fills the image and mask inputs, and the size follows the image
+        def from_editor(value):
+            image, mask = editor_to_inputs(value)
+            if image is None:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            w, h = (max(64, v // 8 * 8) for v in image.size)
+            return image, mask, w, h
+
+        c["editor"].change(from_editor, c["editor"], [c["image"], c["mask"], c["width"], c["height"]],
+                           api_visibility="private", queue=False)
+    if "original_width" in c:  # original and target size follow the output size when the user changes it
         c["width"].input(lambda w: (w, w), c["width"], [c["original_width"], c["target_width"]],
                          api_visibility="private", queue=False)
         c["height"].input(lambda h: (h, h), c["height"], [c["original_height"], c["target_height"]],
@@ -620,10 +815,14 @@ def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
         gr.Markdown(_future_text(ctx, ["sd3"], found(["sd3"])))
     with gr.Tab("VQ-GAN / LDM", id="ldm"):
         gr.Markdown(_future_text(ctx, ["ldm"], []))
-    variants = ["sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd2-depth", "sd2-x4-upscaler", "sd2-unclip"]
-    with gr.Tab("Inpaint / depth / upscaler / unCLIP", id="variants"):
-        md = gr.Markdown(_future_text(ctx, variants, groups.get("variants", [])))
+    with gr.Tab("Depth / upscaler / unCLIP", id="variants"):
+        md = gr.Markdown(_future_text(ctx, waiting_presets(), groups.get("variants", [])))
     return md
+
+
+def waiting_presets() -> list[str]:
+    """Presets of the families that are detected but do not run yet (one entry per preset)."""
+    return list(dict.fromkeys(f.preset_for(None) for f in families.FAMILIES if not f.runs))
 
 
 def _future_text(ctx: AppContext, preset_names: list[str], files: list[Entry]) -> str:
@@ -652,18 +851,23 @@ def png_info(image_path: str | None) -> tuple[str, dict, str]:
         return "", {}, "This image carries no generation parameters."
     settings = to_settings(parse_parameters(text))
     tab = guess_tab(settings)
-    return text, settings, f"Looks like **{TAB_LABELS[tab]}** settings (model: `{settings.get('model', '?')}`)."
+    return text, settings, f"Looks like **{tab_label(tab)}** settings (model: `{settings.get('model', '?')}`)."
 
 
 def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
     """PNG-info settings -> {component name: value} for a tab (the checkpoint only if it is in the folder)."""
+    names = tab_inputs(tab)
     up: dict = {k: settings[k] for k in ("prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height",
                                          "batch_size", "strength") if k in settings}
+    for k in names:  # the family's declared options the infotext carries (mask blur, masked content, ...)
+        inp = declared_input(tab, k)
+        if inp is not None and inp.kind not in ("image", "mask") and k in settings:
+            up[k] = settings[k]
     if "sampler" in settings:
         up["sampler"] = DISPLAY_NAMES[settings["sampler"]]
     if "schedule" in settings:
         up["schedule"] = SCHEDULE_DISPLAY_NAMES[settings["schedule"]]
-    if tab == "sdxl":
+    if "original_width" in names:
         size = (settings.get("height", 1024), settings.get("width", 1024))
         up["original_height"], up["original_width"] = settings.get("sdxl_original_size", size)
         up["target_height"], up["target_width"] = settings.get("sdxl_target_size", size)
@@ -675,7 +879,7 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
     note = ""
     entries = ctx.index.scan()
     model = settings.get("model")
-    if model and ctx.demo_available() and model == ctx.demo_path.stem and tab == "sd1":
+    if model and ctx.demo_available() and model == ctx.demo_path.stem and tab == ctx.demo_tab():
         up["checkpoint"] = DEMO_LABEL
     elif model:
         match = [e for e in entries if Path(e.name).stem == model and e.tab in (tab, "unsorted")]
@@ -683,8 +887,9 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
             up["checkpoint"] = match[0].name
         else:
             note = f"Checkpoint `{model}` is not in the models folder; the tab keeps its current one."
-    if tab == "sdxl" and settings.get("refiner"):
-        match = [e for e in entries if Path(e.name).stem == settings["refiner"] and e.family == "sdxl-refiner"]
+    if "refiner" in names and settings.get("refiner"):
+        refiners = {f.name for f in families.FAMILIES if f.refines}
+        match = [e for e in entries if Path(e.name).stem == settings["refiner"] and e.family in refiners]
         if match:
             up["refiner"] = match[0].name
         else:
@@ -692,9 +897,10 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
     return up, note.strip()
 
 
-SEND_KEYS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
-             "height", "batch_size", "strength", "original_width", "original_height", "crop_top", "crop_left",
-             "target_width", "target_height", "refiner", "switch_at", "aesthetic_score", "negative_aesthetic_score")
+def send_keys(tab: str) -> list[str]:
+    """The components PNG Info may set in a tab: its inputs except pixels and the batch count."""
+    return [k for k in tab_inputs(tab) if k not in ("batch_count", "init_image", "prediction")
+            and not (declared_input(tab, k) and declared_input(tab, k).kind in ("image", "mask"))]
 
 
 def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict]) -> None:
@@ -708,10 +914,10 @@ def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict])
                 hint = gr.Markdown(elem_id="pnginfo-hint")
                 with gr.Row():
                     buttons = {t: gr.Button(f"Send to {label}", elem_id=f"pnginfo-send-{t}")
-                               for t, label in TAB_LABELS.items()}
+                               for t, label in ((t, tab_label(t)) for t in gen_tabs)}
         image.change(png_info, image, [text, settings, hint], api_name="png_info")
         for t, btn in buttons.items():
-            keys = [k for k in SEND_KEYS if k in gen_tabs[t]]
+            keys = [k for k in send_keys(t) if k in gen_tabs[t]]
 
             def send(s, touched, t=t, keys=keys):
                 up, note = send_values(ctx, t, s if isinstance(s, dict) else {})
@@ -723,12 +929,12 @@ def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict])
 
 
 def refresh_all(ctx: AppContext, gen_tabs: dict[str, dict]):
-    """Rescan the models folder: new choices for every checkpoint dropdown, the refiner list and the banner."""
+    """Rescan the models folder: new choices for every checkpoint and refiner dropdown, the banner, the list of
+    files waiting for their family."""
     entries = ctx.index.scan()
     ups = [gr.Dropdown(choices=tab_choices(ctx, t, entries)) for t in gen_tabs]
-    return ups + [gr.Dropdown(choices=refiner_choices(entries)), banner(ctx, entries),
-                  _future_text(ctx, ["sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd2-depth", "sd2-x4-upscaler",
-                                     "sd2-unclip"], by_tab(entries).get("variants", []))]
+    ups += [gr.Dropdown(choices=refiner_choices(entries)) for t in gen_tabs if "refiner" in gen_tabs[t]]
+    return ups + [banner(ctx, entries), _future_text(ctx, waiting_presets(), by_tab(entries).get("variants", []))]
 
 
 def default_device(device: str = "auto") -> str:
@@ -765,16 +971,17 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
         info = gr.Markdown(banner(ctx, entries), elem_id="models-banner")
         with gr.Tabs() as tabs:
             gen_tabs = {}
-            for t, label in TAB_LABELS.items():
-                with gr.Tab(label, id=t, elem_id=f"tab-{t}"):
+            for t in family_tabs():
+                with gr.Tab(tab_label(t), id=t, elem_id=f"tab-{t}"):
                     gen_tabs[t] = build_generate_tab(ctx, t, entries)
             variants_md = build_future_tabs(ctx, entries)
             build_pnginfo_tab(ctx, tabs, gen_tabs)
-        outs = [gen_tabs[t]["checkpoint"] for t in gen_tabs] + [gen_tabs["sdxl"]["refiner"], info, variants_md]
-        for t in gen_tabs:
+        outs = ([gen_tabs[t]["checkpoint"] for t in gen_tabs]
+                + [gen_tabs[t]["refiner"] for t in gen_tabs if "refiner" in gen_tabs[t]] + [info, variants_md])
+        for i, t in enumerate(gen_tabs):
             gen_tabs[t]["refresh"].click(lambda: refresh_all(ctx, gen_tabs), None, outs,
-                                         api_name="refresh" if t == "sd1" else None,
-                                         api_visibility="public" if t == "sd1" else "private")
+                                         api_name="refresh" if i == 0 else None,
+                                         api_visibility="public" if i == 0 else "private")
     demo.queue(max_size=queue_size)
     demo.sd_context = ctx  # for tests and tools; the app itself never reads it back
     return demo

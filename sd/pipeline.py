@@ -181,13 +181,63 @@ def encode_image(model: LoadedModel, image: Image.Image, width: int, height: int
     return (z - model.spec.latent.shift) * model.spec.latent.scale
 
 
+def _is_oom(e: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, MemoryError, or a RuntimeError saying "out of memory" (MPS, older torch)."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _decode_or_tiles(vae, z: Tensor, notes: list[str]) -> Tensor:
+    """vae.decode(z); on out of memory, ComfyUI's fallback: the same decode in tiles. Raises MemoryError with a
+    one-line message when the tiles do not fit either."""
+    from .vae import decode_tiled
+
+    try:
+        return vae.decode(z)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
+        if not _is_oom(e):
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        x = decode_tiled(vae, z, tile=TILE, overlap=TILE_OVERLAP)
+    except Exception as e:  # noqa: BLE001
+        if not _is_oom(e):
+            raise
+        raise MemoryError("out of memory while decoding the image: try a smaller size or batch") from None
+    notes.append(f"out of memory decoding the whole image: decoded in {TILE}x{TILE} latent tiles instead")
+    return x
+
+
+TILE, TILE_OVERLAP = 64, 16  # latent pixels of the out-of-memory tiled decode (512x512 image tiles, as ComfyUI)
+
+
+def decode_latents_info(model: LoadedModel, latents: Tensor) -> tuple[list[Image.Image], list[str]]:
+    """decode_latents, also returning notes on what the decode had to do: non-finite values in a float16/bfloat16
+    decode (AUTOMATIC1111's NaN check) are decoded again in float32 with a float32 copy of the VAE (the shared
+    model keeps its dtype, so other requests are unaffected); out of memory falls back to a tiled decode."""
+    import copy
+
+    z = latents.float() / model.spec.latent.scale + model.spec.latent.shift
+    notes: list[str] = []
+    vae = model.parts.vae
+    with torch.no_grad():
+        x = _decode_or_tiles(vae, z.to(model.device, model.dtype), notes)
+        if not torch.isfinite(x).all() and model.dtype != torch.float32:
+            vae32 = copy.deepcopy(vae).float()
+            x = _decode_or_tiles(vae32, z.to(model.device, torch.float32), notes)
+            del vae32
+            notes.append(f"NaN in the {str(model.dtype).removeprefix('torch.')} VAE decode: decoded again in float32")
+        x = x.float().cpu()  # (B, 3, H, W)
+    if not torch.isfinite(x).all():
+        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+        notes.append("the decoded image has NaN values even in float32 (shown as grey): the latents are broken")
+    arr = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr], list(dict.fromkeys(notes))
+
+
 def decode_latents(model: LoadedModel, latents: Tensor) -> list[Image.Image]:
     """Diffusion-scale latents (B, C, h, w) -> 8-bit PIL images: round(clamp((x + 1) / 2, 0, 1) * 255)."""
-    z = latents.float() / model.spec.latent.scale + model.spec.latent.shift
-    with torch.no_grad():
-        x = model.parts.vae.decode(z.to(model.device, model.dtype)).float().cpu()  # (B, 3, H, W)
-    arr = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    return decode_latents_info(model, latents)[0]
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
@@ -253,14 +303,16 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
                      eta=p.eta)
     stopped = done["n"] < len(sigmas) - 1
-    images = decode_latents(model, latents)
-    return GenerateResult(images, latents.float().cpu(), p.seed, model.spec, stopped=stopped, steps_done=done["n"])
+    images, notes = decode_latents_info(model, latents)
+    return GenerateResult(images, latents.float().cpu(), p.seed, model.spec, stopped=stopped, steps_done=done["n"],
+                          info={"notes": notes} if notes else {})
 
 
 class ModelCache:
-    """Loaded checkpoints shared by every tab: keyed by (file, device, dtype, prediction override), least recently
-    used evicted once the total parameter bytes pass `budget_bytes`; one lock per key so two requests for the same
-    file load it once, and requests for different files load in parallel."""
+    """Loaded checkpoints shared by every tab: keyed by (file, size, mtime, device, dtype, prediction override), so
+    a file replaced at the same path loads anew (its stale entry dropped); least recently used evicted once the
+    total parameter bytes pass `budget_bytes`; one lock per key so two requests for the same file load it once,
+    and requests for different files load in parallel."""
 
     def __init__(self, budget_bytes: int | None = None):
         env = os.environ.get("SD_MODEL_CACHE_GB")
@@ -269,9 +321,22 @@ class ModelCache:
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
 
+    @staticmethod
+    def _stat(path: Path) -> tuple[int, int]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path.name}: the file is gone (deleted or moved after the list was made); "
+                                  "press Refresh and choose another checkpoint") from None
+        return st.st_size, st.st_mtime_ns
+
     def get(self, path: str | os.PathLike, device="cpu", dtype: str | torch.dtype = torch.float32,
             prediction: str | None = None) -> LoadedModel:
-        key = (str(Path(path).resolve()), str(torch.device(device)), parse_dtype(dtype), prediction)
+        path = Path(path)
+        resolved = str(path.resolve())
+        same = (str(torch.device(device)), parse_dtype(dtype), prediction)
+        stat = self._stat(path)
+        key = (resolved, *stat, *same)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -282,9 +347,15 @@ class ModelCache:
                 if key in self._models:
                     return self._models[key]
             model = load_model(path, device=device, dtype=dtype, prediction=prediction)
+            changed = self._stat(path) != stat  # replaced while loading: use it once, do not cache it
             with self._lock:
-                self._models[key] = model
-                self._evict(keep=key)
+                for k in [k for k in self._models if k[0] == resolved and k[3:] == same]:
+                    del self._models[k]  # an older version of this file
+                if not changed:
+                    self._models[key] = model
+                    self._evict(keep=key)
+                if self._key_locks.get(key) is key_lock:
+                    del self._key_locks[key]
             return model
 
     def _evict(self, keep: tuple) -> None:

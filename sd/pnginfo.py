@@ -242,18 +242,50 @@ def read_parameters(image: str | os.PathLike | Image.Image) -> str | None:
 
 
 def save_png(image: Image.Image, parameters: str, folder: str | os.PathLike, seed: int) -> Path:
-    """Save to folder/YYYY-MM-DD/NNNNN-SEED.png with the `parameters` chunk; never overwrites (exclusive create)."""
+    """Save to folder/YYYY-MM-DD/NNNNN-SEED.png with the `parameters` chunk. Never overwrites: the name is
+    reserved by an exclusive create, the PNG written to a temporary file beside it and renamed over the
+    reservation, so the final name never holds a partial PNG. On a write error (read-only folder, disk full)
+    nothing is left behind and an OSError says, on one line, what to do."""
+    import errno
+    import tempfile
+
     day = Path(folder) / time.strftime("%Y-%m-%d")
-    day.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[:5]) for p in day.glob("*.png") if p.name[:5].isdigit()]
-    n = max(numbers, default=-1) + 1
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    while True:
-        path = day / f"{n:05d}-{seed}.png"
+    path, tmp = day, None
+    try:
+        day.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.name[:5]) for p in day.glob("*.png") if p.name[:5].isdigit()]
+        n = max(numbers, default=-1) + 1
+        while True:
+            path = day / f"{n:05d}-{seed}.png"
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                break
+            except FileExistsError:
+                n += 1
+        reserved = path
         try:
-            with open(path, "xb") as f:
+            info = PngInfo()
+            info.add_text("parameters", parameters)
+            fd, tmp = tempfile.mkstemp(dir=day, prefix=f".{path.stem}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
                 image.save(f, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            n += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)  # mkstemp's is owner-only; the reservation has the umask's
+            os.replace(tmp, path)
+            tmp = None
+        except BaseException:
+            for leftover in (tmp, reserved):
+                if leftover is not None:
+                    try:
+                        os.unlink(leftover)
+                    except OSError:
+                        pass
+            raise
+        return path
+    except OSError as e:
+        hint = {errno.ENOSPC: "free space", errno.EDQUOT: "free space"}.get(e.errno, "make the folder writable")
+        err = OSError(f"cannot write {path}: {e.strerror or e}; {hint} or start with --outputs-dir pointing at "
+                      "another folder")
+        err.errno = e.errno
+        raise err from None

@@ -209,3 +209,58 @@ def vae_config_for(kind: str) -> VAEConfig:
     if kind not in table:
         raise KeyError(f"unknown VAE kind {kind!r}; known: {sorted(table)}")
     return table[kind]
+
+
+
+def _ramp_weights(n: int, starts: list[int], tile: int) -> list[Tensor]:
+    """1-D blending weights of each tile along one axis (pixels): 1 inside, a linear ramp over the part shared
+    with a neighbour (rising from the previous tile, falling into the next); overlapping weights sum to 1."""
+    out = []
+    for i, s in enumerate(starts):
+        size = min(tile, n - s)
+        w = torch.ones(size)
+        if i > 0:  # shared with the previous tile over [s, previous end)
+            shared = starts[i - 1] + tile - s
+            w[:shared] = torch.arange(1, shared + 1) / (shared + 1)
+        if i + 1 < len(starts):  # shared with the next tile over [next start, s + size)
+            shared = s + size - starts[i + 1]
+            w[size - shared:] = torch.minimum(w[size - shared:], torch.arange(shared, 0, -1) / (shared + 1))
+        out.append(w)
+    return out
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of `tile` covering [0, n), neighbours sharing at least `overlap`; the last ends at n."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def decode_tiled(vae: AutoencoderKL, z: Tensor, tile: int = 64, overlap: int = 16) -> Tensor:
+    """`vae.decode(z)` tile by tile (latent tiles of `tile` x `tile`, neighbours sharing `overlap` latent pixels),
+    blended linearly across each overlap, as ComfyUI's tiled VAE decode does: the peak memory of one tile instead
+    of the whole image. Not exact: pixels near a tile border see less context (the decoder's receptive field and
+    its mid-block attention stop at the tile). With one tile covering the latent it is exactly `vae.decode(z)`.
+    z (B, C, h, w) unscaled latent -> (B, 3, h*f, w*f) float32."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile); got tile {tile}, overlap {overlap}")
+    b, _, h, w = z.shape
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return vae.decode(z).float()
+    out = weight = wy = wx = None
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            part = vae.decode(z[:, :, y0:y0 + tile, x0:x0 + tile]).float()  # (B, 3, th*f, tw*f)
+            if out is None:
+                f = part.shape[-1] // min(tile, w - x0)  # pixels per latent pixel
+                out = torch.zeros(b, part.shape[1], h * f, w * f, device=part.device)
+                weight = torch.zeros(h * f, w * f, device=part.device)
+                wy = [v.to(part.device) for v in _ramp_weights(h * f, [y * f for y in ys], tile * f)]
+                wx = [v.to(part.device) for v in _ramp_weights(w * f, [x * f for x in xs], tile * f)]
+            m = wy[iy][:, None] * wx[ix][None, :]  # (th*f, tw*f)
+            ph, pw = part.shape[-2:]
+            out[:, :, y0 * f:y0 * f + ph, x0 * f:x0 * f + pw] += part * m
+            weight[y0 * f:y0 * f + ph, x0 * f:x0 * f + pw] += m
+            del part
+    return out / weight

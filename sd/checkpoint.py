@@ -1,7 +1,10 @@
 """Reading single-file checkpoints: `.safetensors` (header first, tensors memory-mapped) and weights-only `.ckpt`.
 
 Nothing here knows model architectures. It gives names, shapes and tensors, and turns every way a file can be
-bad (missing, truncated, not a checkpoint, a pickle that would run code) into a one-line `CheckpointError`.
+bad (missing, truncated, not a checkpoint, a pickle that would run code, a hostile header or pickle) into a one-line
+`CheckpointError`, and no other exception. A safetensors header is validated field by field within fixed caps
+(header bytes, tensors, dimensions, elements), so reading one takes a bounded time (well under a second) whatever
+the file holds; a .ckpt is loaded weights-only and its `state_dict` search is bounded (no cycles, 8 levels).
 The key-accounting rules (which tensors may be ignored, and why) also live here, so `inspect` and the loader agree.
 """
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 import pickle
 import re
 import struct
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +28,9 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_SIZE = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -94,8 +99,90 @@ class Checkpoint:
         return {k[len(prefix):]: self.get(k) for k in self.infos if k.startswith(prefix)}
 
 
+# Limits of a checkpoint header. Every check below is O(1) per tensor, so with these caps the header of any file
+# is parsed or refused in a bounded time: measured on this project's shared 2-core CPU, the slowest header within
+# the caps (20,000 tensors of 8 dimensions + 100k metadata entries, 3 MB) reads in ~0.35 s, and a refused one takes
+# at most ~0.15 s (the 2.4 MB header of 4,299-digit dimensions: under 0.1 s; it took 22 s before these checks).
+# - Header bytes. safetensors' own limit is 100 MB. The largest real checkpoint header, written from the released
+#   key lists in tests/data/checkpoint-keys/, is 432 KB (ldm_layout2img_openimages256, 3089 tensors; SDXL base:
+#   367 KB, 2516 tensors). 16 MB is ~40x that and leaves room for large training metadata (kohya's tag counts).
+MAX_HEADER_BYTES = 16 * 2**20
+# - Tensors: the largest real checkpoint has 3089 (a full-rank SDXL LoRA ~2,200); 20,000 is 6x that. Validating
+#   costs ~6 us per tensor, so a header at this cap takes ~0.3 s in all.
+MAX_TENSORS = 20_000
+# - JSON tokens, counted on the raw bytes before parsing (also inside strings, so metadata text counts): json.loads
+#   spends up to ~1 us per dict entry and ~0.4 us per value on this project's shared CPU, so a 16 MB header of
+#   small values would take seconds. A tensor entry needs 3 containers ({ and [), 4 colons and at most 11 commas;
+#   the slack is for metadata text (A1111 and kohya store JSON documents, e.g. tag counts, as metadata strings).
+#   The largest real header (3089 tensors) has ~9k containers, ~12k colons and ~25k commas.
+MAX_CONTAINERS = 3 * MAX_TENSORS + 50_000
+MAX_COLONS = 4 * MAX_TENSORS + 100_000
+MAX_COMMAS = 12 * MAX_TENSORS + 200_000
+# - Shapes: real checkpoints have <= 4 dimensions and <= 1.4e8 elements per tensor (SD3's T5 embedding).
+MAX_DIMS = 8
+MAX_ELEMENTS = 2**40
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path.name}: damaged safetensors header: {what}; the file is damaged or not a checkpoint, "
+                           "download it again")
+
+
+def _tensor_name(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:77] + "...")
+
+
+def _parse_int_bounded(text: str) -> int:
+    """json parse_int when the interpreter's int digit limit is off: no quadratic str->int conversion of huge
+    numbers; a number of over 20 digits (offsets are < 2**64) becomes +-2**70, which every check refuses."""
+    if len(text) <= 20:
+        return int(text)
+    return -2**70 if text.startswith("-") else 2**70
+
+
+def _check_tensor(path: Path, name: object, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, or CheckpointError naming the tensor and the problem."""
+    if not isinstance(name, str):
+        raise _damaged(path, f"tensor name {name!r} is not a string")
+    t = f"tensor {_tensor_name(name)}"
+    if not isinstance(entry, dict):
+        raise _damaged(path, f"{t} is a {type(entry).__name__}, not an object with dtype, shape and data_offsets")
+    for field_name in ("dtype", "shape", "data_offsets"):
+        if field_name not in entry:
+            raise _damaged(path, f"{t} has no {field_name!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
+        shown = repr(dtype)[:40]
+        raise _damaged(path, f"{t} has an unknown dtype {shown} (known: {', '.join(_DTYPE_SIZE)})")
+    if not isinstance(shape, list):
+        raise _damaged(path, f"{t} has a shape that is a {type(shape).__name__}, not a list of sizes")
+    if len(shape) > MAX_DIMS:
+        raise _damaged(path, f"{t} has {len(shape)} dimensions (at most {MAX_DIMS})")
+    count = 1
+    for d in shape:
+        if type(d) is not int:  # not bool, float, str, null, list
+            raise _damaged(path, f"{t} has a dimension that is a {type(d).__name__}, not an integer")
+        if d < 0:
+            raise _damaged(path, f"{t} has a negative dimension")
+        count *= d  # both factors <= 2**40: no big-int work
+        if count > MAX_ELEMENTS:
+            raise _damaged(path, f"{t} has more than 2**40 elements")
+    if not isinstance(offsets, list) or len(offsets) != 2 or any(type(o) is not int for o in offsets):
+        raise _damaged(path, f"{t} has data_offsets {repr(offsets)[:40]}, not a list of two integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _damaged(path, f"{t} has data_offsets [{begin}, {end}] (need 0 <= begin <= end)")
+    if end - begin != count * _DTYPE_SIZE[dtype]:
+        raise _damaged(path, f"{t} has the wrong byte size ({end - begin} bytes for {count} {dtype} values)")
+    return dtype, tuple(shape), begin, end
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse the JSON header of a .safetensors file and check that the data section is complete."""
+    """Parse and validate the JSON header of a .safetensors file and check that the data section is complete.
+
+    Accepts what `safetensors.safe_open` accepts (known dtypes; tensors packed back to back from offset 0 and
+    covering the data section exactly), within the caps above; anything else is a one-line `CheckpointError`.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -105,70 +192,139 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if n > min(size - 8, 100_000_000):
             raise CheckpointError(f"{path.name}: not a safetensors file (its first bytes are not a safetensors header); "
                                   "is it a .ckpt, a text or an HTML page saved under this name?")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path.name}: safetensors header of {n / 2**20:.1f} MB, over the "
+                                  f"{MAX_HEADER_BYTES // 2**20} MB limit (real checkpoint headers are under 1 MB); "
+                                  "the file is damaged or not a checkpoint")
         raw = f.read(n)
+    containers, colons, commas = raw.count(b"{") + raw.count(b"["), raw.count(b":"), raw.count(b",")
+    if containers > MAX_CONTAINERS or colons > MAX_COLONS or commas > MAX_COMMAS:
+        raise CheckpointError(f"{path.name}: safetensors header with {containers} objects/lists, {colons} colons and "
+                              f"{commas} commas, more than a checkpoint of up to {MAX_TENSORS} tensors needs "
+                              f"(limits {MAX_CONTAINERS}/{MAX_COLONS}/{MAX_COMMAS}); the file is damaged or not a "
+                              "checkpoint")
     try:
-        header = json.loads(raw)
+        text = raw.decode("utf-8")
+        if 0 < sys.get_int_max_str_digits() <= 5000:  # Python's default (4300) bounds the cost of each number
+            header = json.loads(text)
+        else:
+            header = json.loads(text, parse_int=_parse_int_bounded)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path.name}: not a safetensors file (the header is not valid JSON); "
                               "is it a .ckpt, a text or an HTML page saved under this name?") from None
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _damaged(path, "__metadata__ is not a map of strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise _damaged(path, f"{len(header)} tensors (a checkpoint has at most a few thousand; limit {MAX_TENSORS})")
     infos: dict[str, TensorInfo] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (a, b) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: damaged safetensors header at tensor {name!r}") from None
-        count = 1
-        for s in shape:
-            count *= s
-        if dtype in _DTYPE_SIZE and b - a != count * _DTYPE_SIZE[dtype]:
-            raise CheckpointError(f"{path.name}: damaged safetensors header: tensor {name!r} has the wrong byte size")
+        dtype, shape, begin, end = _check_tensor(path, name, entry)
         infos[name] = TensorInfo(dtype, shape)
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path.name}: truncated: the header describes {8 + n + end} bytes but the file has {size}; "
-                              "the download or copy did not finish, get the file again")
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0  # safetensors packs tensors back to back from offset 0 (safe_open refuses gaps and overlaps)
+    for begin, end, name in spans:
+        if begin != pos:
+            what = ("overlaps the previous tensor" if begin < pos
+                    else f"starts at {begin}, after a gap (previous ends at {pos})")
+            raise _damaged(path, f"tensor {_tensor_name(name)} {what}")
+        pos = end
+    data = size - 8 - n
+    if pos > data:
+        raise CheckpointError(f"{path.name}: truncated: the header describes {8 + n + pos} bytes but the file has "
+                              f"{size}; the download or copy did not finish, get the file again")
+    if pos < data:
+        raise _damaged(path, f"{data - pos} bytes after the last tensor (the tensors cover {pos} of {data} data bytes)")
     return infos, meta
 
 
+# How deep `state_dict` entries may nest in a .ckpt (real files: 1, Lightning's {"state_dict": {...}}).
+MAX_STATE_DICT_NESTING = 8
+# torch dtypes a checkpoint tensor may have: those of the safetensors dtypes above.
+_TORCH_DTYPES = set(SAFETENSORS_DTYPES.values())
+
+
 def _find_state_dict(obj: object) -> dict[str, Tensor]:
-    """The tensor dict of a .ckpt: top level, or under (possibly nested) `state_dict`."""
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    """The tensor dict of a .ckpt: top level, or under (possibly nested, at most 8 levels) `state_dict`."""
+    seen: set[int] = set()
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        seen.add(id(obj))
         obj = obj["state_dict"]
+        if id(obj) in seen:
+            raise CheckpointError("its 'state_dict' entries form a cycle (a dict that contains itself), which no "
+                                  "training program writes; the file is damaged or was crafted")
+        if len(seen) > MAX_STATE_DICT_NESTING:
+            raise CheckpointError(f"its 'state_dict' entries are nested more than {MAX_STATE_DICT_NESTING} levels deep "
+                                  "(real checkpoints: 1); the file is damaged or was crafted")
     if not isinstance(obj, dict):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a dict of tensors")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors: dict[str, Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            continue  # training state next to the weights (global_step, epoch, ...): not tensors of the model
+        what = None
+        if type(v) not in (torch.Tensor, torch.nn.Parameter):
+            what = f"a {type(v).__name__}"
+        elif v.is_nested or v.layout != torch.strided:
+            what = "a sparse or nested tensor"
+        elif v.is_quantized:
+            what = "a quantized tensor"
+        elif v.device.type != "cpu":
+            what = f"a tensor on {v.device.type}"
+        elif v.dtype not in _TORCH_DTYPES:
+            what = f"a tensor of dtype {str(v.dtype).removeprefix('torch.')}"
+        if what:
+            raise CheckpointError(f"tensor {_tensor_name(k)} is {what}; only dense CPU tensors of the usual dtypes are "
+                                  "loaded")
+        tensors[k] = v.detach() if type(v) is not torch.Tensor else v
     if not tensors:
         raise CheckpointError("holds no tensors")
     return tensors
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, printable characters only, at most 160 of them."""
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return "".join(c if c.isprintable() else "?" for c in line)[:160]
+
+
 def _load_ckpt(path: Path) -> dict[str, Tensor]:
-    if not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
         with open(path, "rb") as f:
             first = f.read(2)
         if not first or first[0] != 0x80:  # a pickle starts with the PROTO opcode
             raise CheckpointError(f"{path.name}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
                                   "check the file type and that the download finished")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's warnings about a damaged pickle ("Detected pickle protocol 35")
+            warnings.simplefilter("ignore")  # would be more lines beside the one-line error
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()
-        detail = next((line for line in first_line if "GLOBAL" in line or "Unsupported" in line), first_line[0] if first_line else "")
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        if any("Unsupported operand" in line for line in lines):  # an opcode no pickle has: damage, not code
+            raise CheckpointError(f"{path.name}: cannot read this .ckpt (its pickle is damaged: {_first_line(e)}); "
+                                  "the file is damaged or truncated, get it again") from None
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
         raise CheckpointError(f"{path.name}: refused: the pickle asks to run code or build objects that are not plain "
-                              f"tensors ({detail.strip()[:160]}); only weights-only checkpoints are loaded, convert it "
-                              "to .safetensors with a tool you trust") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name}: cannot read this .ckpt ({msg[:160]}); the file is damaged or truncated, "
-                              "get it again") from None
+                              f"tensors ({_first_line(ValueError(detail))}); only weights-only checkpoints are loaded, "
+                              "convert it to .safetensors with a tool you trust") from None
+    except Exception as e:  # noqa: BLE001 - torch.load parses untrusted bytes: whatever it raises, the file is bad
+        # (seen in tests/test_fuzz_checkpoint.py: RuntimeError, EOFError, UnicodeDecodeError, IndexError, KeyError,
+        # struct.error, AssertionError; also possible: zipfile errors, OSError, MemoryError, OverflowError, ...)
+        raise CheckpointError(f"{path.name}: cannot read this .ckpt ({type(e).__name__}: {_first_line(e)}); the file "
+                              "is damaged or truncated, get it again") from None
     try:
         return _find_state_dict(obj)
     except CheckpointError as e:
-        raise CheckpointError(f"{path.name}: {e}; not a Stable Diffusion checkpoint") from None
+        raise CheckpointError(f"{path.name}: {e}; not a usable Stable Diffusion checkpoint") from None
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

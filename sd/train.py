@@ -13,7 +13,10 @@ the UNet and a small CLIP-L-architecture text encoder are trained jointly with t
 (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; min-SNR-5 weighted) on the SD1 schedule, with 10% caption
 dropout to the empty prompt for classifier-free guidance (Ho & Salimans 2022). Both stages: AdamW with linear
 warmup then cosine decay, an EMA of the weights, a checkpoint every `--save-every` steps that a rerun of the
-same command resumes from, and a progress line with loss and speed. Export writes the EMA weights under the
+same command resumes from, and a progress line with loss and speed. State files (`state.pt`, `latents.pt`) hold
+only tensors and plain values and are read back weights-only: a file that would build other objects or run code
+(not written by this program) is refused with a one-line error, as is one lacking the entries of its stage.
+Export writes the EMA weights under the
 released SD1 names (`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.transformer.text_model.`),
 with the VAE latent rescaled so that latent * 0.18215 has unit std.
 """
@@ -23,6 +26,7 @@ import argparse
 import copy
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import CheckpointError
 from .config import TextEncoderConfig, UNetConfig, VAEConfig
 from .demo import data
 
@@ -96,15 +101,59 @@ class Progress:
 
 
 def save_state(path: Path, **state) -> None:
-    """Write a resumable checkpoint atomically (tmp file + rename)."""
+    """Write a resumable checkpoint atomically (tmp file + rename).
+
+    Values must be tensors, state dicts, numbers, strings and lists/tuples/dicts of them (what a model's and an
+    optimizer's `state_dict()` and `torch.get_rng_state()` give): `load_state` reads the file weights-only."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> dict | None:
-    """The resumable checkpoint at `path`, or None when there is none."""
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+# The entries each kind of state file must have, with their types (checked by load_state).
+VAE_STATE = {"model": dict, "ema": dict, "opt": dict, "step": int, "rng": torch.Tensor}
+UNET_STATE = {"unet": dict, "text": dict, "ema_unet": dict, "ema_text": dict, "opt": dict, "step": int,
+              "rng": torch.Tensor, "scale": float}
+LATENT_CACHE = {"mean": torch.Tensor, "logvar": torch.Tensor, "captions": list, "scale": float}
+
+
+def load_state(path: Path, entries: dict[str, type]) -> dict | None:
+    """The state file at `path` (read weights-only: tensors and plain values), or None when there is none.
+
+    A file that needs more than that to load (a pickle that would build other objects or run code: not written by
+    `save_state`), an unreadable one, or one without `entries` (name -> type) raises a one-line CheckpointError."""
+    if not path.exists():
+        return None
+    fresh = "delete it (or give a new --out folder) to start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain values "
+                              f"({detail[:120]}), so this training program did not write it; {fresh}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file; torch.load can raise many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{path}: cannot read this state file ({type(e).__name__}: {first}); {fresh}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training state; {fresh}")
+    wrong = [k for k, t in entries.items()
+             if not isinstance(state.get(k), t) or (t is int and isinstance(state[k], bool))]
+    if wrong:
+        raise CheckpointError(f"{path}: not a state file of this stage (missing or wrong: {', '.join(wrong)}); "
+                              f"{fresh}")
+    return state
+
+
+def restore(path: Path, pairs: list[tuple[object, dict]]) -> None:
+    """module.load_state_dict(state) for each pair; a state of another architecture -> one-line CheckpointError."""
+    for module, state in pairs:
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(f"{path}: does not fit the current model ({first}); it was written for another "
+                                  "architecture or is damaged, delete it (or give a new --out folder) to start "
+                                  "over") from None
 
 
 def to_pixels(images: np.ndarray, device) -> torch.Tensor:
@@ -165,6 +214,7 @@ def train_vae(args) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    state = load_state(out / "state.pt", VAE_STATE)  # before building anything: a refused file fails at once
     device = torch.device(args.device)
     model = AutoencoderKL(DEMO_VAE, device=device).to(memory_format=torch.channels_last)  # faster CPU convs
     with torch.no_grad():  # start with a small posterior std (e^-3): a noisy latent slows early training
@@ -176,9 +226,8 @@ def train_vae(args) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
-    state = load_state(out / "state.pt")
     if state is not None:
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        restore(out / "state.pt", [(model, state["model"]), (ema, state["ema"]), (opt, state["opt"])])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         print(f"resuming VAE training at step {start}", file=sys.stderr)
@@ -263,15 +312,19 @@ def train_unet(args) -> int:
     device = torch.device(args.device)
 
     cache_path = out / "latents.pt"
-    if cache_path.exists():
-        cache = torch.load(cache_path, map_location="cpu", weights_only=False)
-    else:
+    cache = load_state(cache_path, LATENT_CACHE)
+    if cache is None:
         print(f"encoding {args.images} training images with {args.vae}", file=sys.stderr)
         mean, logvar, captions = cache_latents(load_vae(args.vae, device), args.images, args.seed + 1)
         scale = 1.0 / float(mean.std())  # latent * scale has unit std; export folds scale / 0.18215 into quant_conv
         cache = dict(mean=mean, logvar=logvar, captions=captions, scale=scale)
         save_state(cache_path, **cache)
     mean, logvar, scale = cache["mean"], cache["logvar"], cache["scale"]
+    state = load_state(out / "state.pt", UNET_STATE)
+    init_path = Path(args.init) / "state.pt" if args.init and state is None else None  # warm start: another run's EMA
+    init = load_state(init_path, {"ema_unet": dict, "ema_text": dict, "step": int}) if init_path else None
+    if init_path and init is None:
+        raise CheckpointError(f"--init {args.init}: no state.pt in that folder; give the --out folder of a unet run")
     tokens = tokenize_all(cache["captions"], DEMO_TEXT.pad_token)  # (N, 77)
     empty = tokenize_all([""], DEMO_TEXT.pad_token)  # (1, 77): the unconditional prompt
     print(f"{len(tokens)} latents, {len(set(cache['captions']))} distinct captions, latent scale {scale:.4f}",
@@ -284,19 +337,14 @@ def train_unet(args) -> int:
     ema_text = copy.deepcopy(text).requires_grad_(False)
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    if args.init and not (out / "state.pt").exists():  # warm start from another run's EMA weights
-        init = torch.load(Path(args.init) / "state.pt", map_location="cpu", weights_only=False)
-        for m in (unet, ema_unet):
-            m.load_state_dict(init["ema_unet"])
-        for m in (text, ema_text):
-            m.load_state_dict(init["ema_text"])
+    if init is not None:
+        restore(init_path, [(unet, init["ema_unet"]), (ema_unet, init["ema_unet"]), (text, init["ema_text"]),
+                            (ema_text, init["ema_text"])])
         print(f"initialized from {args.init} (step {init['step']})", file=sys.stderr)
     start = 0
-    state = load_state(out / "state.pt")
     if state is not None:
-        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
-        ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"])
+        restore(out / "state.pt", [(unet, state["unet"]), (text, state["text"]), (ema_unet, state["ema_unet"]),
+                                   (ema_text, state["ema_text"]), (opt, state["opt"])])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         print(f"resuming UNet training at step {start}", file=sys.stderr)
@@ -359,7 +407,10 @@ def export(args) -> int:
     """Write the SD1 file: EMA UNet, EMA text encoder (released CLIP names), VAE with the latent rescaled."""
     from .text import expected_keys
 
-    state = torch.load(Path(args.unet) / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(Path(args.unet) / "state.pt",
+                       {"ema_unet": dict, "ema_text": dict, "scale": float, "step": int})
+    if state is None:
+        raise CheckpointError(f"--unet {args.unet}: no state.pt in that folder; give the --out folder of a unet run")
     dtype = getattr(torch, args.dtype)
     k = state["scale"] / SD1_SCALE  # model latent = vae latent * scale = (vae latent * k) * 0.18215
     tensors: dict[str, torch.Tensor] = {}
@@ -436,11 +487,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    if args.stage == "vae":
-        return train_vae(args)
-    if args.stage == "unet":
-        return train_unet(args)
-    return export(args)
+    stage = {"vae": train_vae, "unet": train_unet, "export": export}[args.stage]
+    try:
+        return stage(args)
+    except CheckpointError as e:  # a refused or unusable state file: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

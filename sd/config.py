@@ -78,7 +78,8 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """How the VAE latent is scaled before diffusion: `z_diff = (z - shift) * scale`."""
+    """How the VAE latent is scaled before diffusion: `z_diff = (z - shift) * scale`. Each family declares its own
+    (`sd.families`, the one source of these numbers)."""
 
     scale: float = 0.18215
     shift: float = 0.0

@@ -167,6 +167,10 @@ def check_inputs(family: Family, request) -> dict:
                 raise ValueError(f"{name} must be between {inp.min:g} and {inp.max:g}, got {v:g}")
         elif inp.kind == "choice" and v not in inp.choices:
             raise ValueError(f"{name} must be one of {', '.join(inp.choices)}, got {v!r}")
+        elif inp.kind == "bool":
+            v = bool(v)
+        elif inp.kind == "text":
+            v = str(v)
         elif inp.kind in ("image", "mask"):
             v = load_image(v, name)
         out[name] = v

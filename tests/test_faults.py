@@ -89,7 +89,8 @@ def test_tiled_decode_close_to_the_whole_decode(sd1, monkeypatch):
     decode = AutoencoderKL.decode
     with torch.no_grad():
         full = vae.decode(z).float()
-        monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: shapes.append(tuple(z.shape[-2:])) or decode(self, z))
+        monkeypatch.setattr(AutoencoderKL, "decode",
+                            lambda self, z: shapes.append(tuple(z.shape[-2:])) or decode(self, z))
         tiled = decode_tiled(vae, z, tile=12, overlap=6)
         seams = decode_tiled(vae, z, tile=12, overlap=0)
     assert shapes[:6] == [(12, 12)] * 6                         # 2 x 3 tiles, never the whole latent

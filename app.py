@@ -43,7 +43,8 @@ from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
 # Names of the generate tabs (a family's `tab` id); a tab id missing here is named after its first family.
-TAB_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "inpaint": "Inpaint"}
+TAB_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "inpaint": "Inpaint", "depth": "Depth to image",
+             "upscale": "x4 upscaler", "unclip": "unCLIP", "sd3": "SD3 / 3.5", "ldm": "VQ-GAN / LDM"}
 SAMPLER_OF_DISPLAY = {v: k for k, v in DISPLAY_NAMES.items()}
 SCHEDULE_OF_DISPLAY = {v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
 COMMON_INPUTS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
@@ -661,7 +662,7 @@ def input_component(inp: Input, elem_id: str):
     if inp.kind in ("image", "mask"):
         kw.pop("info")
         return gr.Image(type="pil", image_mode="L" if inp.kind == "mask" else "RGB", sources=["upload", "clipboard"],
-                        **kw)
+                        format="png", **kw)  # lossless: the pixels shown are the pixels used
     if inp.kind == "number":
         if inp.min is not None and inp.max is not None:
             step = 1 if float(inp.default or 0).is_integer() and float(inp.min).is_integer() else 0.01
@@ -682,7 +683,7 @@ def _family_input_controls(c: dict, tab: str, names: tuple[str, ...]) -> None:
     if {"image", "mask"} <= kinds:
         c["editor"] = gr.ImageEditor(type="pil", label="Paint the area to repaint over the image",
                                      brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
-                                     layers=False, elem_id=f"{tab}-editor", height=420)
+                                     layers=False, elem_id=f"{tab}-editor", height=420, format="png")
     seen = set()
     with gr.Row():
         for inp in inputs:
@@ -807,15 +808,18 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
                           api_visibility="private", queue=False)
 
 
+FUTURE_TABS = (("sd3", "SD3 / 3.5", ("sd3",)), ("ldm", "VQ-GAN / LDM", ("ldm",)))  # tab id, label, presets
+
+
 def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
-    """Tabs for the families still to come: what they are and which files of theirs were found."""
+    """Tabs for the families still to come (until a family of theirs runs and gets its own tab): what they are and
+    which files of theirs were found; one more for the detected families that do not run yet."""
     groups = by_tab(entries)
-    found = lambda kinds: [e for e in entries if e.family in kinds]  # noqa: E731
-    with gr.Tab("SD3 / 3.5", id="sd3"):
-        gr.Markdown(_future_text(ctx, ["sd3"], found(["sd3"])))
-    with gr.Tab("VQ-GAN / LDM", id="ldm"):
-        gr.Markdown(_future_text(ctx, ["ldm"], []))
-    with gr.Tab("Depth / upscaler / unCLIP", id="variants"):
+    for tab, label, presets in FUTURE_TABS:
+        if tab not in family_tabs():
+            with gr.Tab(label, id=tab):
+                gr.Markdown(_future_text(ctx, list(presets), groups.get(tab, [])))
+    with gr.Tab("Detected, not run yet", id="variants"):
         md = gr.Markdown(_future_text(ctx, waiting_presets(), groups.get("variants", [])))
     return md
 

@@ -1,4 +1,5 @@
-"""A real browser (Debian's chromium, driven by playwright) on the app: SDXL tab, prompt, crop slider, Generate.
+"""A real browser (Debian's chromium, driven by playwright) on the app: SDXL tab, prompt, crop slider, Generate;
+the Inpaint tab: an image uploaded into the editor, a mask painted on it with the mouse, paste back, Generate.
 
 The screenshot is kept under test-artifacts/ (gitignored). Timeouts are generous: the tiny SDXL checkpoint
 runs on a shared 2-core CPU.
@@ -6,6 +7,7 @@ runs on a shared 2-core CPU.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -26,6 +28,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def url(tiny_files, tmp_path_factory):
     models = tmp_path_factory.mktemp("browser-models")
     os.symlink(tiny_files("sdxl_base"), models / "sdxl.safetensors")
+    os.symlink(tiny_files("sd1_inpaint"), models / "sd1-inpaint.safetensors")
     outputs = tmp_path_factory.mktemp("browser-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
     with socket.socket() as s:
@@ -81,3 +84,72 @@ def test_sdxl_tab_in_chromium(url):
         finally:
             browser.close()
     assert (ARTIFACTS / "browser-sdxl.png").stat().st_size > 10_000
+
+
+def _fetch_image(page, locator) -> "np.ndarray":
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = locator.get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")).astype(int)
+
+
+def test_inpaint_tab_paints_a_mask_in_chromium(url, tmp_path):
+    """Upload a 64x64 image into the editor, paint a stroke across its middle, keep the original outside the mask
+    (paste back, blur 0), generate: pixels outside the painted mask are the original's, inside they changed."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
+    a[..., 1] = 80
+    Image.fromarray(a).save(tmp_path / "image.png")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1800})
+            page.set_default_timeout(120_000)
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            page.get_by_role("tab", name="Inpaint").click()
+            expect(page.locator("#inpaint-facts")).to_contain_text("sd1-inpaint")
+            editor = page.locator("#inpaint-editor")
+            editor.locator("input[type=file]").first.set_input_files(str(tmp_path / "image.png"))
+            expect(editor.locator("canvas").first).to_be_visible()
+            editor.locator("button[aria-label='Brush']").first.click()
+            box = editor.locator("canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 40, cy)
+            page.mouse.down()
+            for k in range(21):
+                page.mouse.move(cx - 40 + 4 * k, cy)
+            page.mouse.up()
+            expect(page.locator("#inpaint-mask img")).to_be_visible()
+            expect(page.locator("#inpaint-width input[type=number]")).to_have_value("64")
+            page.locator("#inpaint-prompt textarea").fill("a red ball")
+            set_number(page, "inpaint-steps", 2)
+            set_number(page, "inpaint-mask-blur", 0)
+            page.locator("#inpaint-paste-back input[type=checkbox]").check()
+            page.locator("#inpaint-generate").click()
+            status = page.locator("#inpaint-status")
+            expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
+            assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
+            out = page.locator("#inpaint-gallery img").first
+            expect(out).to_be_visible()
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#inpaint-gallery img'); return i && i.complete "
+                "&& i.naturalWidth > 0; }", timeout=120_000)
+            result = _fetch_image(page, out)
+            mask = _fetch_image(page, page.locator("#inpaint-mask img").first)[..., 0] > 127
+            used = _fetch_image(page, page.locator("#inpaint-image img").first)  # the editor's background
+            info = page.locator("#inpaint-infotext textarea").input_value()
+            page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
+        finally:
+            browser.close()
+    assert result.shape == (64, 64, 3) and 200 < mask.sum() < 64 * 64 - 200  # a stroke, not everything
+    assert "Mask blur: 0" in info and "Denoising strength: 1" in info
+    assert np.abs(used - a).mean() < 2      # the browser's canvas round trip moves colours by a level at most
+    outside, inside = np.abs(result - used)[~mask].mean(), np.abs(result - used)[mask].mean()
+    assert outside == 0 and inside > 5, (outside, inside)

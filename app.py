@@ -222,7 +222,9 @@ def _without_name(error: str, file_name: str) -> str:
     return error[len(file_name) + 2:] if error.startswith(file_name + ": ") else error
 
 
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError)  # shown in one line, never logged with a traceback
+# Shown to the user in one line and never logged with a traceback: bad files and requests, a missing file, a full or
+# read-only outputs folder (OSError from save_png), out of memory after the tiled-decode fallback (MemoryError).
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, OSError, MemoryError)
 
 
 def selection(ctx: AppContext, value: str, prediction: str | None = None, probe: bool = True):

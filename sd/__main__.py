@@ -1,4 +1,5 @@
-"""Command line: `python -m sd inspect CKPT`, `python -m sd generate ...`, `python -m sd train ...`.
+"""Command line: `python -m sd inspect CKPT`, `python -m sd generate ...`, `python -m sd reconstruct ...`,
+`python -m sd train ...`.
 
 Errors about files and parameters print one line (`error: ...`) and exit with status 2; no traceback; nothing is
 written on error. The flags for the families' extra inputs (`--mask`; `--init-image` doubles as the inpainting
@@ -148,6 +149,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """The first stage's round trip of one image (issue 11): prints JSON (kind, grid, PSNR, SSIM, codes used)."""
+    from .first_stage import load_first_stage, round_trip, summary
+    from .inpaint import load_image
+
+    fs = load_first_stage(args.checkpoint, device=args.device)
+    result = round_trip(fs, load_image(args.image, "--image"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["reconstruction"].save(out)
+    print(json.dumps({"image": str(out), **summary(result)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -194,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("reconstruct", help="encode and decode an image with a first stage (VQGAN / LDM / SD VAE)")
+    r.add_argument("--checkpoint", required=True, help="a standalone first-stage file or any checkpoint with a VAE")
+    r.add_argument("--image", required=True)
+    r.add_argument("--out", default="outputs/reconstruction.png")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_reconstruct)
 
     t = sub.add_parser("train", help="train the built-in demo model (see sd/demo/README.md)", add_help=False)
     t.set_defaults(func=None)

@@ -56,6 +56,7 @@ IGNORE_RULES: tuple[tuple[str, str], ...] = (
     (r"denoiser\.sigmas", "SGM sigma table (recomputed)"),
     (r"model\.model_sampling\.sigmas", "sigma table (recomputed)"),
     (r"first_stage_model\.loss\..*", "autoencoder training loss (LPIPS / discriminator)"),
+    (r"loss\..*", "autoencoder training loss (LPIPS / discriminator) of a standalone first-stage file"),
     (r"v_pred|ztsnr", "ComfyUI marker key (read by detection)"),
 )
 _IGNORE = [(re.compile(p), why) for p, why in IGNORE_RULES]

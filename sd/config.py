@@ -46,10 +46,21 @@ class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
     use_quant_conv: bool = True                # SD3 VAE has no quant_conv / post_quant_conv
+    attn_levels: tuple[int, ...] = ()          # levels with AttnBlocks inside (down[i].attn / up[i].attn): LDM's
+                                               # kl-f16/f32 and vq-f8/f16 first stages; SD's VAEs have none
+    mid_attn: bool = True                      # mid.attn_1 present (LDM vq-f4-noattn: attn_type "none")
 
     @property
     def factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class VQConfig(VAEConfig):
+    """taming-transformers' VQModel (Esser et al. 2021), also LDM's VQ first stages (Rombach et al. 2022): the
+    same encoder/decoder with a single z (no double_z), quant_conv z -> embed_dim, a codebook of n_embed rows."""
+
+    n_embed: int = 16384                       # codebook rows (quantize.embedding.weight (n_embed, embed_dim))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from .families.shapes import UNET, VAE
 from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
 from .unet import UNetModel
 from .vae import AutoencoderKL
+from .vq import build_first_stage
 
 
 @dataclass
@@ -39,7 +40,7 @@ def expected_tensors(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
     unet = UNetModel(spec.unet, device="meta")
     out["unet"] = {UNET + k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if spec.vae is not None:
-        vae = AutoencoderKL(spec.vae, device="meta")
+        vae = build_first_stage(spec.vae, device="meta")   # AutoencoderKL, or VQModel for a VQConfig
         out["vae"] = {VAE + k: tuple(v.shape) for k, v in vae.state_dict().items()}
     for i, cfg in enumerate(spec.text_encoders):
         out[f"text{i}"] = {cfg.prefix + k: tuple(s) for k, s in text_expected_keys(cfg).items()}
@@ -133,7 +134,7 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
     vae = None
     if spec.vae is not None:
         vae_tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
-        vae = _load(AutoencoderKL(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
+        vae = _load(build_first_stage(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
     texts = []
     for cfg in spec.text_encoders:
         enc = build_text_encoder(cfg, device="meta")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd.config import VAEConfig
+from sd.config import VAEConfig, VQConfig
 
 Tensor = torch.Tensor
 
@@ -84,19 +84,28 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(ch: int, dd: dict) -> nn.Module:
+def _mid(ch: int, dd: dict, attn: bool = True) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(ch, ch, dd)
-    mid.attn_1 = AttnBlock(ch, dd)
+    mid.attn_1 = AttnBlock(ch, dd) if attn else nn.Identity()  # LDM attn_type "none": an Identity, no tensors
     mid.block_2 = ResnetBlock(ch, ch, dd)
     return mid
 
 
-def _level(blocks: list[nn.Module]) -> nn.Module:
+def _level(blocks: list[nn.Module], attns: list[nn.Module] = ()) -> nn.Module:
     lvl = nn.Module()
     lvl.block = nn.ModuleList(blocks)
-    lvl.attn = nn.ModuleList()  # SD autoencoders have no attention inside the levels
+    lvl.attn = nn.ModuleList(attns)  # SD autoencoders have none; LDM's f16/f32 and VQ f8/f16 have one per block
     return lvl
+
+
+def _run_level(lvl: nn.Module, h: Tensor) -> Tensor:
+    """block[j], each followed by attn[j] when the level has attention (LDM Encoder/Decoder order)."""
+    for j, block in enumerate(lvl.block):
+        h = block(h)
+        if len(lvl.attn):
+            h = lvl.attn[j](h)
+    return h
 
 
 class Encoder(nn.Module):
@@ -112,23 +121,23 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks.append(ResnetBlock(ch, cfg.ch * mult, dd))
                 ch = cfg.ch * mult
-            lvl = _level(blocks)
+            lvl = _level(blocks, [AttnBlock(ch, dd) for _ in blocks] if i in cfg.attn_levels else [])
             if i != len(cfg.ch_mult) - 1:
                 lvl.downsample = Downsample(ch, dd)
             self.down.append(lvl)
-        self.mid = _mid(ch, dd)
+        self.mid = _mid(ch, dd, cfg.mid_attn)
         self.norm_out = _norm(ch, dd)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1, **dd)
+        z_out = cfg.z_channels if isinstance(cfg, VQConfig) else 2 * cfg.z_channels  # VQ: no double_z
+        self.conv_out = nn.Conv2d(ch, z_out, 3, padding=1, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
         for lvl in self.down:
-            for block in lvl.block:
-                h = block(h)
+            h = _run_level(lvl, h)
             if hasattr(lvl, "downsample"):
                 h = lvl.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f); VQ: (B, z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -138,14 +147,14 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1, **dd)
-        self.mid = _mid(ch, dd)
+        self.mid = _mid(ch, dd, cfg.mid_attn)
         ups = []
         for i in reversed(range(len(cfg.ch_mult))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(ResnetBlock(ch, cfg.ch * cfg.ch_mult[i], dd))
                 ch = cfg.ch * cfg.ch_mult[i]
-            lvl = _level(blocks)
+            lvl = _level(blocks, [AttnBlock(ch, dd) for _ in blocks] if i in cfg.attn_levels else [])
             if i != 0:
                 lvl.upsample = Upsample(ch, dd)
             ups.insert(0, lvl)  # stored by level index, as LDM does
@@ -157,8 +166,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)  # (B, ch_last, h, w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for lvl in reversed(self.up):
-            for block in lvl.block:
-                h = block(h)
+            h = _run_level(lvl, h)
             if hasattr(lvl, "upsample"):
                 h = lvl.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h*f, w*f)

@@ -80,7 +80,8 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
         if "input_blocks.0.0.weight" in shapes or "conv_in.weight" in shapes:
             hint = "it looks like a bare UNet or a diffusers-format file; give the original single-file checkpoint"
         elif any(k.startswith("encoder.down") or k.startswith("decoder.up") for k in shapes):
-            hint = "it looks like a standalone VAE; give a full Stable Diffusion checkpoint"
+            hint = ("it looks like a standalone VAE / first stage (VQGAN or LDM autoencoder): round-trip an image "
+                    "with `python -m sd reconstruct` or the first-stage view; to generate, give a full checkpoint")
         else:
             hint = "it is not a Stable Diffusion checkpoint"
         raise CheckpointError(f"no Stable Diffusion UNet ({UNET}*) found; {hint}. Found: {describe_contents(shapes)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from ..checkpoint import CheckpointError
-from ..config import TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import TextEncoderConfig, UNetConfig, VAEConfig, VQConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -102,7 +102,35 @@ def detect_vae(shapes: Shapes, prefix: str = VAE) -> VAEConfig | None:
     embed = shapes[prefix + "quant_conv.weight"][0] // 2 if quant else z2 // 2
     return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z2 // 2, embed_dim=embed,
                      in_channels=shapes[p + "conv_in.weight"][1], out_channels=shapes[prefix + "decoder.conv_out.weight"][0],
-                     use_quant_conv=quant)
+                     use_quant_conv=quant, **_attention(shapes, prefix, n_levels))
+
+
+def _attention(shapes: Shapes, prefix: str, n_levels: int) -> dict:
+    """attn_levels / mid_attn of an LDM autoencoder: which levels hold AttnBlocks (`encoder.down.{i}.attn.0.`, the
+    config's attn_resolutions), and whether `mid.attn_1` exists (not with attn_type "none"). SD VAEs: (), True."""
+    p = prefix + "encoder."
+    return dict(attn_levels=tuple(i for i in range(n_levels) if p + f"down.{i}.attn.0.q.weight" in shapes),
+                mid_attn=p + "mid.attn_1.q.weight" in shapes)
+
+
+def detect_vq(shapes: Shapes, prefix: str = VAE) -> VQConfig | None:
+    """taming / LDM VQModel numbers from shapes (Esser et al. 2021); None when there is no VQ first stage."""
+    p = prefix + "encoder."
+    if p + "conv_in.weight" not in shapes or prefix + "quantize.embedding.weight" not in shapes:
+        return None
+    ch = shapes[p + "conv_in.weight"][0]
+    n_levels = _count(shapes, p + "down.{}.")
+    mult = tuple(shapes[f"{p}down.{i}.block.0.conv2.weight"][0] // ch for i in range(n_levels))
+    n_embed, embed = shapes[prefix + "quantize.embedding.weight"]
+    return VQConfig(ch=ch, ch_mult=mult, num_res_blocks=_count(shapes, p + "down.0.block.{}."),
+                    z_channels=shapes[p + "conv_out.weight"][0], embed_dim=embed, n_embed=n_embed,
+                    in_channels=shapes[p + "conv_in.weight"][1],
+                    out_channels=shapes[prefix + "decoder.conv_out.weight"][0], **_attention(shapes, prefix, n_levels))
+
+
+def detect_first_stage(shapes: Shapes, prefix: str = VAE) -> VAEConfig | None:
+    """The first stage under `prefix`, VQ (a VQConfig) or KL (a VAEConfig); None when there is none."""
+    return detect_vq(shapes, prefix) or detect_vae(shapes, prefix)
 
 
 def hf_text(shapes: Shapes, prefix: str, layer: str, final_ln: bool) -> TextEncoderConfig:

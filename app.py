@@ -614,7 +614,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
         gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[c["prompt"]], label="Example prompts (demo model)")
     with gr.Row():
         with gr.Column():
-            _family_input_controls(c, tab, names)
+            _family_input_controls(c, tab)
             with gr.Row():
                 c["sampler"] = gr.Dropdown(list(DISPLAY_NAMES.values()), label="Sampler", elem_id=f"{tab}-sampler",
                                            value=DISPLAY_NAMES.get(get("sampler"), get("sampler")))
@@ -641,7 +641,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                                               elem_id=f"{tab}-strength")
             if "refiner" in names:
                 _sdxl_controls(c, get, entries, tab)
-            _family_option_controls(c, tab, names)
+            _family_option_controls(c, tab)
         with gr.Column():
             with gr.Row():
                 c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
@@ -677,34 +677,31 @@ def input_component(inp: Input, elem_id: str):
     return gr.Textbox(value=inp.default or "", **kw)
 
 
-def _family_input_controls(c: dict, tab: str, names: tuple[str, ...]) -> None:
-    """The tab's declared pixel and value inputs. An image + mask pair also gets an editor to paint the mask on the
-    image in the browser; the painted strokes become the `mask` input (white = repaint)."""
-    inputs = [i for f in family_tabs()[tab] for i in f.inputs]
-    kinds = {i.kind for i in inputs}
-    if {"image", "mask"} <= kinds:
-        c["editor"] = gr.ImageEditor(type="pil", label="Paint the area to repaint over the image",
-                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
-                                     layers=False, elem_id=f"{tab}-editor", height=420, format="png")
-    seen = set()
+def _declared_components(c: dict, tab: str, inputs: list[Input]) -> None:
+    """One component per declared input of the tab's families (the first declaration of a name wins), in a row."""
     with gr.Row():
         for inp in inputs:
-            if inp.name not in seen:
-                seen.add(inp.name)
+            if inp.name not in c:
                 c[inp.name] = input_component(inp, f"{tab}-{inp.name.replace('_', '-')}")
 
 
-def _family_option_controls(c: dict, tab: str, names: tuple[str, ...]) -> None:
+def _family_input_controls(c: dict, tab: str) -> None:
+    """The tab's declared pixel and value inputs. An image + mask pair also gets an editor to paint the mask on the
+    image in the browser; the painted strokes become the `mask` input (white = repaint)."""
+    inputs = [i for f in family_tabs()[tab] for i in f.inputs]
+    if {"image", "mask"} <= {i.kind for i in inputs}:
+        c["editor"] = gr.ImageEditor(type="pil", label="Paint the area to repaint over the image",
+                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                                     layers=False, elem_id=f"{tab}-editor", height=420, format="png")
+    _declared_components(c, tab, inputs)
+
+
+def _family_option_controls(c: dict, tab: str) -> None:
+    """The options the tab's families declare (applied around the model, recorded in the infotext)."""
     options = [i for f in family_tabs()[tab] for i in f.options]
-    if not options:
-        return
-    with gr.Accordion("Options", open=True):
-        seen = set()
-        with gr.Row():
-            for inp in options:
-                if inp.name not in seen:
-                    seen.add(inp.name)
-                    c[inp.name] = input_component(inp, f"{tab}-{inp.name.replace('_', '-')}")
+    if options:
+        with gr.Accordion("Options", open=True):
+            _declared_components(c, tab, options)
 
 
 def editor_to_inputs(value) -> tuple:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,23 @@ def url(tiny_files, tmp_path_factory):
     demo.close()
 
 
+@contextmanager
+def browser_page(url: str, height: int):
+    """A headless chromium page on the app, loaded; closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian chromium is needed (apt-get install chromium)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": height})
+            page.set_default_timeout(120_000)
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def set_number(page, elem_id: str, value: int) -> None:
     """Type a value into the number box of a gradio slider and commit it."""
     box = page.locator(f"#{elem_id} input[type=number]")
@@ -49,40 +67,32 @@ def set_number(page, elem_id: str, value: int) -> None:
 
 
 def test_sdxl_tab_in_chromium(url):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    assert Path(CHROMIUM).exists(), "Debian chromium is needed (apt-get install chromium)"
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1600})
-            page.set_default_timeout(120_000)
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            page.get_by_role("tab", name="SDXL").click()
-            expect(page.locator("#sdxl-facts")).to_contain_text("sdxl-base")
-            page.locator("#sdxl-prompt textarea").fill("a yellow star on a black background")
-            for elem_id, v in (("sdxl-width", 64), ("sdxl-height", 64), ("sdxl-steps", 2)):
-                set_number(page, elem_id, v)
-            crop = page.locator("#sdxl-crop-top input[type=range]")
-            crop.focus()
-            for _ in range(4):               # move the crop slider with the keyboard: 4 x 8 px
-                crop.press("ArrowRight")
-            expect(page.locator("#sdxl-crop-top input[type=number]")).to_have_value("32")
-            page.locator("#sdxl-generate").click()
-            img = page.locator("#sdxl-gallery img").first
-            expect(img).to_be_visible(timeout=600_000)
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#sdxl-gallery img'); return i && i.complete "
-                "&& i.naturalWidth > 0; }", timeout=120_000)
-            size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-            assert size == [64, 64]
-            info = page.locator("#sdxl-infotext textarea").input_value()
-            assert info.startswith("a yellow star on a black background\nSteps: 2,")
-            assert "SDXL crop top: 32" in info and "Size: 64x64" in info
-            page.screenshot(path=str(ARTIFACTS / "browser-sdxl.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(url, 1600) as page:
+        page.get_by_role("tab", name="SDXL").click()
+        expect(page.locator("#sdxl-facts")).to_contain_text("sdxl-base")
+        page.locator("#sdxl-prompt textarea").fill("a yellow star on a black background")
+        for elem_id, v in (("sdxl-width", 64), ("sdxl-height", 64), ("sdxl-steps", 2)):
+            set_number(page, elem_id, v)
+        crop = page.locator("#sdxl-crop-top input[type=range]")
+        crop.focus()
+        for _ in range(4):               # move the crop slider with the keyboard: 4 x 8 px
+            crop.press("ArrowRight")
+        expect(page.locator("#sdxl-crop-top input[type=number]")).to_have_value("32")
+        page.locator("#sdxl-generate").click()
+        img = page.locator("#sdxl-gallery img").first
+        expect(img).to_be_visible(timeout=600_000)
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#sdxl-gallery img'); return i && i.complete "
+            "&& i.naturalWidth > 0; }", timeout=120_000)
+        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert size == [64, 64]
+        info = page.locator("#sdxl-infotext textarea").input_value()
+        assert info.startswith("a yellow star on a black background\nSteps: 2,")
+        assert "SDXL crop top: 32" in info and "Size: 64x64" in info
+        page.screenshot(path=str(ARTIFACTS / "browser-sdxl.png"), full_page=True)
     assert (ARTIFACTS / "browser-sdxl.png").stat().st_size > 10_000
 
 
@@ -101,53 +111,47 @@ def test_inpaint_tab_paints_a_mask_in_chromium(url, tmp_path):
     (paste back, blur 0), generate: pixels outside the painted mask are the original's, inside they changed."""
     import numpy as np
     from PIL import Image
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
+    ARTIFACTS.mkdir(exist_ok=True)
     a = np.zeros((64, 64, 3), dtype=np.uint8)
     a[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
     a[..., 1] = 80
     Image.fromarray(a).save(tmp_path / "image.png")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1800})
-            page.set_default_timeout(120_000)
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            page.get_by_role("tab", name="Inpaint").click()
-            expect(page.locator("#inpaint-facts")).to_contain_text("sd1-inpaint")
-            editor = page.locator("#inpaint-editor")
-            editor.locator("input[type=file]").first.set_input_files(str(tmp_path / "image.png"))
-            expect(editor.locator("canvas").first).to_be_visible()
-            editor.locator("button[aria-label='Brush']").first.click()
-            box = editor.locator("canvas").first.bounding_box()
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            page.mouse.move(cx - 40, cy)
-            page.mouse.down()
-            for k in range(21):
-                page.mouse.move(cx - 40 + 4 * k, cy)
-            page.mouse.up()
-            expect(page.locator("#inpaint-mask img")).to_be_visible()
-            expect(page.locator("#inpaint-width input[type=number]")).to_have_value("64")
-            page.locator("#inpaint-prompt textarea").fill("a red ball")
-            set_number(page, "inpaint-steps", 2)
-            set_number(page, "inpaint-mask-blur", 0)
-            page.locator("#inpaint-paste-back input[type=checkbox]").check()
-            page.locator("#inpaint-generate").click()
-            status = page.locator("#inpaint-status")
-            expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
-            assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
-            out = page.locator("#inpaint-gallery img").first
-            expect(out).to_be_visible()
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#inpaint-gallery img'); return i && i.complete "
-                "&& i.naturalWidth > 0; }", timeout=120_000)
-            result = _fetch_image(page, out)
-            mask = _fetch_image(page, page.locator("#inpaint-mask img").first)[..., 0] > 127
-            used = _fetch_image(page, page.locator("#inpaint-image img").first)  # the editor's background
-            info = page.locator("#inpaint-infotext textarea").input_value()
-            page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(url, 1800) as page:
+        page.get_by_role("tab", name="Inpaint").click()
+        expect(page.locator("#inpaint-facts")).to_contain_text("sd1-inpaint")
+        editor = page.locator("#inpaint-editor")
+        editor.locator("input[type=file]").first.set_input_files(str(tmp_path / "image.png"))
+        expect(editor.locator("canvas").first).to_be_visible()
+        editor.locator("button[aria-label='Brush']").first.click()
+        box = editor.locator("canvas").first.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 40, cy)
+        page.mouse.down()
+        for k in range(21):
+            page.mouse.move(cx - 40 + 4 * k, cy)
+        page.mouse.up()
+        expect(page.locator("#inpaint-mask img")).to_be_visible()
+        expect(page.locator("#inpaint-width input[type=number]")).to_have_value("64")
+        page.locator("#inpaint-prompt textarea").fill("a red ball")
+        set_number(page, "inpaint-steps", 2)
+        set_number(page, "inpaint-mask-blur", 0)
+        page.locator("#inpaint-paste-back input[type=checkbox]").check()
+        page.locator("#inpaint-generate").click()
+        status = page.locator("#inpaint-status")
+        expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
+        assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
+        out = page.locator("#inpaint-gallery img").first
+        expect(out).to_be_visible()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#inpaint-gallery img'); return i && i.complete "
+            "&& i.naturalWidth > 0; }", timeout=120_000)
+        result = _fetch_image(page, out)
+        mask = _fetch_image(page, page.locator("#inpaint-mask img").first)[..., 0] > 127
+        used = _fetch_image(page, page.locator("#inpaint-image img").first)  # the editor's background
+        info = page.locator("#inpaint-infotext textarea").input_value()
+        page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
     assert result.shape == (64, 64, 3) and 200 < mask.sum() < 64 * 64 - 200  # a stroke, not everything
     assert "Mask blur: 0" in info and "Denoising strength: 1" in info
     assert np.abs(used - a).mean() < 2      # the browser's canvas round trip moves colours by a level at most

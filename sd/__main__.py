@@ -107,22 +107,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction)
     inputs = _request_inputs(args, model.family)
     size = (default_size(model.spec, is_demo=args.checkpoint is None),) * 2
-    pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs]
-    if pixel:  # pixel inputs are used at their own size: the output size is the image's
+    pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs and i.scale]
+    if pixel:  # pixel inputs are used at their own size: the output size is the image's (x scale: the x4 upscaler)
         inputs[pixel[0].name] = img = load_image(inputs[pixel[0].name], pixel[0].flag.lstrip("-"))
-        given = (args.width or img.width, args.height or img.height)
-        if given != img.size:
-            raise ValueError(f"--width/--height {given[0]}x{given[1]} differ from the {pixel[0].flag} image's size "
-                             f"{img.width}x{img.height}; the image is used at its own size: leave them out or give "
-                             f"{img.width}x{img.height}")
-        size = img.size
+        k = pixel[0].scale
+        out = (img.width * k, img.height * k)
+        given = (args.width or out[0], args.height or out[1])
+        if given != out:
+            what = f"{k}x the {pixel[0].flag} image's size" if k > 1 else f"the {pixel[0].flag} image's size"
+            raise ValueError(f"--width/--height {given[0]}x{given[1]} differ from {what} {out[0]}x{out[1]}; the "
+                             f"image is used at its own size: leave them out or give {out[0]}x{out[1]}")
+        size = out
     args.width, args.height = args.width or size[0], args.height or size[1]
     params = GenerateParams(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
         batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
         sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
-        negative_aesthetic_score=args.negative_aesthetic_score, inputs=inputs,
+        negative_aesthetic_score=args.negative_aesthetic_score, inputs=inputs, tile=args.tile,
     )
     if args.init_image and not any(i.flag == "--init-image" for i in model.family.inputs):
         params.init_image = load_image(args.init_image, "--init-image")
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif inp.kind == "choice":
             kw["choices"] = list(inp.choices)
         g.add_argument(flag, dest=_dest(flag), **kw)
+    g.add_argument("--tile", type=int, default=None,
+                   help="x4 upscaler: latent tile side of the tiled UNet (default: the family's 512; 0 = off)")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)

@@ -49,6 +49,9 @@ IGNORE_RULES: tuple[tuple[str, str], ...] = (
      r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance|"
      r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|lvlb_weights)",
      "LDM schedule buffer (recomputed from the betas)"),
+    (r"(low_scale_model|noise_augmentor)\.(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|"
+     r"sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|"
+     r"sqrt_recipm1_alphas_cumprod)", "noise-augmentation schedule buffer (the family reads the betas)"),
     (r"model_ema\..*", "EMA copy (the model.* weights are used)"),
     (r".*\.position_ids", "text position ids (recomputed)"),
     (r".*logit_scale", "CLIP logit scale (unused for text conditioning)"),

@@ -7,6 +7,7 @@ Anything else, and anything a model expects but the file lacks, is a `Checkpoint
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from .checkpoint import Checkpoint, CheckpointError, ignore_reason
 from .config import ModelSpec
 from .denoiser import discrete_sigmas, sigmas_from_betas
-from .families import Family, unsupported_parts
+from .families import Family, get_family, unsupported_parts
 from .families.shapes import UNET, VAE
 from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
 from .unet import UNetModel
@@ -44,7 +45,17 @@ def expected_tensors(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
         out["vae"] = {VAE + k: tuple(v.shape) for k, v in vae.state_dict().items()}
     for i, cfg in enumerate(spec.text_encoders):
         out[f"text{i}"] = {cfg.prefix + k: tuple(s) for k, s in text_expected_keys(cfg).items()}
+    fam = _family_of(spec)
+    if fam is not None and fam.extra_tensors is not None:
+        out.update(fam.extra_tensors(spec))   # the family's own networks (MiDaS, the unCLIP image tower)
     return out
+
+
+def _family_of(spec: ModelSpec) -> Family | None:
+    try:
+        return get_family(spec.family)
+    except KeyError:
+        return None
 
 
 def _abbreviate(keys: list[str], limit: int = 6) -> str:
@@ -111,6 +122,7 @@ class Components:
     unet: UNetModel
     vae: AutoencoderKL | None
     text_encoders: list[nn.Module]
+    extras: dict[str, Any] = field(default_factory=dict)   # the family's own parts (Family.extras), by name
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device, dtype) -> nn.Module:
@@ -140,7 +152,9 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
         enc = build_text_encoder(cfg, device="meta")
         load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
         texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
-    return Components(unet, vae, texts)
+    fam = _family_of(spec)
+    extras = fam.extras(ckpt, spec, device, dtype) if fam is not None and fam.extras is not None else {}
+    return Components(unet, vae, texts, extras)
 
 
 def training_sigmas(ckpt: Checkpoint, family: Family) -> tuple[torch.Tensor, str]:

@@ -124,6 +124,8 @@ class GenerateParams:
     strength: float = 0.75                              # img2img denoising strength
     initial_latent: Tensor | None = None                # advanced: use this noise (B, C, h, w) instead of the seed's
     inputs: dict = field(default_factory=dict)          # the family's declared extra inputs (Family.inputs), by name
+    tile: int | None = None                             # latent tile side of the tiled UNet (Family.tile): None = the
+                                                        # family's; 0 = tiling off (a larger latent is refused)
 
 
 @dataclass
@@ -171,6 +173,12 @@ def check_params(spec: ModelSpec, p: GenerateParams) -> None:
     if not fam.runs:
         raise ValueError(f"{spec.family}: {fam.unsupported or 'this family is not implemented yet'}")
     request_inputs(spec, p)
+    if p.tile is not None and p.tile < 0:
+        raise ValueError(f"tile must be 0 (off) or a positive latent side, got {p.tile}")
+    side = max(p.width, p.height) // f
+    if fam.tile and p.tile == 0 and side > fam.tile:
+        raise ValueError(f"{p.width}x{p.height} needs a {p.width // f}x{p.height // f} latent, over the {fam.tile} px "
+                         f"tile limit of {fam.label} with tiling off: turn tiling on or give a smaller image")
 
 
 def encode_image(model: LoadedModel, image: Image.Image, width: int, height: int) -> Tensor:
@@ -261,8 +269,67 @@ def guided_denoiser(model: LoadedModel, p: GenerateParams,
     req = replace(p, inputs=request_inputs(model.spec, p))
     g = generator if generator is not None else seed_generator(p.seed)
     cond, uncond = fam.condition(model.parts, model.spec, req, g)
-    den = make_denoiser(sgm_net(model.parts.unet), model.spec.prediction, model.sigmas)
+    net = sgm_net(model.parts.unet)
+    tile = fam.tile if p.tile is None else p.tile
+    f = model.spec.latent.factor
+    if fam.tile and tile and max(p.width, p.height) // f > tile:
+        net = tiled_net(net, tile, max(1, tile // 4))
+    den = make_denoiser(net, model.spec.prediction, model.sigmas)
     return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of the fewest tiles of side `tile` overlapping by at least `overlap` that cover [0, size), spread
+    evenly (the first at 0, the last ending at size); [0] when one tile covers it."""
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_ramp(length: int, before: int, after: int) -> Tensor:
+    """Blend weights (length,) of a tile: linear ramps (k + 1) / (n + 1) over the `before` pixels it shares with the
+    previous tile and the `after` pixels shared with the next, 1 elsewhere; two tiles sharing n pixels sum to 1."""
+    w = torch.ones(length, dtype=torch.float32)
+    if before:
+        w[:before] = torch.arange(1, before + 1, dtype=torch.float32) / (before + 1)
+    if after:
+        w[length - after:] = torch.arange(after, 0, -1, dtype=torch.float32) / (after + 1)
+    return w
+
+
+def tiled_net(net, tile: int, overlap: int):
+    """The network run on overlapping latent tiles of side <= `tile` with linearly blended seams (MultiDiffusion,
+    Bar-Tal et al. 2023, with linear instead of uniform weights): net(x, t, crossattn, vector, concat) with x and
+    concat (B, C, h, w) cropped per tile and the outputs averaged by the tiles' ramp weights. Every output pixel is a
+    convex mix of the tiles covering it; where one tile covers the whole latent, the result is the untiled one."""
+
+    def axis(size: int) -> list[tuple[int, int, Tensor]]:
+        starts = tile_starts(size, tile, overlap)
+        n = min(tile, size)
+        out = []
+        for i, s in enumerate(starts):
+            before = starts[i - 1] + n - s if i else 0
+            after = s + n - starts[i + 1] if i + 1 < len(starts) else 0
+            out.append((s, n, tile_ramp(n, before, after)))
+        return out
+
+    def run(x: Tensor, t: Tensor, crossattn: Tensor | None = None, vector: Tensor | None = None,
+            concat: Tensor | None = None) -> Tensor:
+        h, w = x.shape[-2:]
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)        # (B, C, h, w)
+        weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
+        for y0, th, wy in axis(h):
+            for x0, tw, wx in axis(w):
+                sl = (slice(None), slice(None), slice(y0, y0 + th), slice(x0, x0 + tw))
+                out = net(x[sl], t, crossattn=crossattn, vector=vector,
+                          concat=concat[sl] if concat is not None else None)   # (B, C, th, tw)
+                wt = (wy[:, None] * wx[None, :]).to(x.device)                 # (th, tw)
+                acc[sl] += out.float() * wt
+                weight[sl] += wt
+        return (acc / weight).to(x.dtype)
+
+    return run
 
 
 def start_latent(model: LoadedModel, p: GenerateParams,

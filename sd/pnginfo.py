@@ -6,7 +6,8 @@ The format (A1111 `modules/infotext_utils.py`): the prompt (any number of lines)
 Model: v1-5-pruned-emaonly`. Values holding `,`, `:` or a newline are JSON-quoted. Sizes are `WIDTHxHEIGHT`.
 Each family adds its own fields (its `infotext` in `sd.families`): SDXL `SDXL original size`, `SDXL crop top`,
 `SDXL crop left`, `SDXL target size`; the refiner `Aesthetic score`, `Negative aesthetic score`; the inpainting
-families A1111's `Mask blur`, `Masked content`, `Inpaint area`, `Masked area padding`. The base -> refiner hand-off
+families A1111's `Mask blur`, `Masked content`, `Inpaint area`, `Masked area padding`; the x4 upscaler and
+unCLIP `Noise level`; depth-to-image `Denoising strength`. The base -> refiner hand-off
 writes A1111's `Refiner: name [hash]`, `Refiner switch at`.
 
 Images are written by `save_png` with the text in a PNG `tEXt` chunk named `parameters`, to a fresh file name
@@ -63,14 +64,16 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
                      refiner_hash: str | None = None, refiner_switch_at: float | None = None,
                      batch_size: int = 1, batch_pos: int = 0, mask_blur: float | None = None,
                      masked_content: str | None = None, inpaint_area: str | None = None,
-                     masked_padding: int | None = None) -> str:
+                     masked_padding: int | None = None, inputs: dict | None = None) -> str:
     """The `parameters` text of one image. `sampler`/`schedule` are internal names (written as A1111 shows them);
     SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`. The family's own
-    fields come from its `infotext` (keyword arguments it does not use are ignored)."""
+    fields come from its `infotext` (keyword arguments it does not use are ignored), which also sees the request's
+    family `inputs` (GenerateParams.inputs: the noise level, the depth strength ...)."""
     kw = dict(width=width, height=height, sdxl_original_size=sdxl_original_size, sdxl_crop=sdxl_crop,
               sdxl_target_size=sdxl_target_size, aesthetic_score=aesthetic_score,
               negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur, masked_content=masked_content,
               inpaint_area=inpaint_area, masked_padding=masked_padding)
+    kw = {**(inputs or {}), **kw}
     fields: dict[str, str] = {
         "Steps": str(int(steps)),
         "Sampler": DISPLAY_NAMES.get(sampler, sampler),
@@ -157,7 +160,7 @@ def to_settings(parsed: dict[str, str]) -> dict:
                "warnings": []}
     ints = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Batch size": "batch_size",
             "Batch pos": "batch_pos", "SDXL crop top": "crop_top", "SDXL crop left": "crop_left",
-            "Mask blur": "mask_blur", "Masked area padding": "masked_padding"}
+            "Mask blur": "mask_blur", "Masked area padding": "masked_padding", "Noise level": "noise_level"}
     floats = {"CFG scale": "cfg", "Denoising strength": "strength", "Aesthetic score": "aesthetic_score",
               "Negative aesthetic score": "negative_aesthetic_score", "Refiner switch at": "refiner_switch_at"}
     for key, name in ints.items():

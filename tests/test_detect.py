@@ -80,7 +80,7 @@ def test_text_encoder_choices() -> None:
     ref = detect({k: tuple(v) for k, v in load_ref("sdxl_refiner")["tensors"].items()})
     assert ref.unet.adm_in_channels == 2560 and len(ref.text_encoders) == 1
     up = detect({k: tuple(v) for k, v in load_ref("sd2_x4_upscaler")["tensors"].items()})
-    assert up.latent.factor == 4 and up.latent.scale == 0.08333 and up.unsupported
+    assert up.latent.factor == 4 and up.latent.scale == 0.08333 and up.unsupported == ()   # runs (issue 10)
 
 
 def test_sdxl_base_without_text_level_and_marker_key() -> None:

@@ -77,7 +77,7 @@ def test_table_declarations() -> None:
     presets = load_presets()
     for f in FAMILIES:
         assert f.preset_for("eps") in presets and f.preset_for("v") in presets, f.name
-        assert f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants"}
+        assert f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants", "upscale", "depth", "unclip"}
         assert f.empty_negative in ("encode", "zeros")
         assert len(f.preview[0]) == f.latent.channels and len(f.preview[1]) == 3
         assert f.runs == (f.unsupported == ""), f.name
@@ -85,7 +85,7 @@ def test_table_declarations() -> None:
             assert i.kind in sd.families.INPUT_KINDS and i.label and i.flag.startswith("--")
             assert not i.choices or i.default in i.choices
     # the running families are these, and only SDXL drops an empty negative to zeros
-    assert [f.name for f in FAMILIES if f.runs] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl-base",
+    assert [f.name for f in FAMILIES if f.runs] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-x4-upscaler", "sdxl-base",
                                                      "sdxl-inpaint", "sdxl-refiner"]
     assert [f.name for f in FAMILIES if f.empty_negative == "zeros"] == ["sdxl-base", "sdxl-inpaint", "sdxl-refiner"]
     assert get_family("sdxl-refiner").refines == ("sdxl-base",)

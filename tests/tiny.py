@@ -50,6 +50,8 @@ def tiny_spec(name: str) -> ModelSpec:
                           projection_dim=TEXT_WIDTH if t.projection_dim else 0) for t in spec.text_encoders)
     u = spec.unet
     mc = 32 if u.num_head_channels < 0 else 64
+    if any(u.disable_self_attn):  # x4: attn1 keys of the context width must differ from the level width to be read
+        mc = 64
     ctx = sum(t.width for t in texts)
     fam = get_family(spec.family)
     unet = replace(u, model_channels=mc, context_dim=ctx)
@@ -86,9 +88,33 @@ def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
             sd[k] = torch.arange(shape[-1])[None]
         elif k in buffers:
             sd[k] = buffers[k]
+        elif k.startswith(tuple(PART_SCHEDULES)) and k.split(".", 1)[1] in buffers:
+            prefix = k.split(".", 1)[0] + "."
+            sd[k] = PART_SCHEDULES[prefix]()[k[len(prefix):]]
         else:
             sd[k] = torch.zeros(shape)
     return sd
+
+
+def _squaredcos_buffers(steps: int = 1000) -> dict[str, torch.Tensor]:
+    """The unCLIP noise augmentor's buffers: LDM make_beta_schedule("cosine") (= squaredcos_cap_v2, s = 0.008,
+    betas clipped at 0.999), stored float32 like register_schedule does."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps + 0.008
+    alphas = torch.cos(t / 1.008 * math.pi / 2) ** 2
+    alphas = alphas / alphas[0]
+    betas = (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
+    abar = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    out = {"betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": prev, "sqrt_alphas_cumprod": abar.sqrt(),
+           "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(), "log_one_minus_alphas_cumprod": (1 - abar).log(),
+           "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt()}
+    return {k: v.float() for k, v in out.items()}
+
+
+# the noise-augmentation buffers of the released files: x4-upscaling.yaml's low_scale_config (linear 1e-4 .. 2e-2)
+# and the unCLIP noise_aug_config (squaredcos_cap_v2)
+PART_SCHEDULES = {"low_scale_model.": lambda: schedule_buffers(0.0001, 0.02),
+                  "noise_augmentor.": _squaredcos_buffers}
 
 
 def schedule_buffers(linear_start: float, linear_end: float, steps: int = 1000) -> dict[str, torch.Tensor]:

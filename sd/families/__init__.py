@@ -179,7 +179,14 @@ def check_inputs(family: Family, request) -> dict:
     if family.check is not None:
         family.check(out)
     for name, img in pixels.items():
-        if declared[name].kind == "image" and img.size != (request.width, request.height):
+        k = declared[name].scale
+        if declared[name].kind == "image" and k > 1 and (img.width * k, img.height * k) != (request.width,
+                                                                                             request.height):
+            raise ValueError(f"the {name} is {img.size[0]}x{img.size[1]}, so the output is {img.size[0] * k}x"
+                             f"{img.size[1] * k}, but the request is {request.width}x{request.height}: set width and "
+                             f"height to {img.size[0] * k}x{img.size[1] * k} (or resize the {name} to "
+                             f"{request.width // k}x{request.height // k})")
+        if declared[name].kind == "image" and k == 1 and img.size != (request.width, request.height):
             raise ValueError(f"the {name} is {img.size[0]}x{img.size[1]} but the request is {request.width}x"
                              f"{request.height}; pixel inputs are used at their own size: set width and height to "
                              f"{img.size[0]}x{img.size[1]} (or resize the {name})")

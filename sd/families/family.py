@@ -31,6 +31,8 @@ class Input:
     required: bool = False                     # a request without it is refused (ValueError naming it)
     help: str = ""                             # one sentence for tooltips and --help
     cli: str = ""                              # CLI flag; "" = "--" + name with dashes
+    scale: int = 1                             # image: output side = scale x the image's side (x4 upscaler: 4);
+                                               # 0: any size (the family resizes it: unCLIP's image, a depth map)
 
     def __post_init__(self):
         assert self.kind in INPUT_KINDS, f"{self.name}: unknown input kind {self.kind!r}"
@@ -75,6 +77,16 @@ class Family:
     refines: tuple[str, ...] = ()              # families whose latents this one may continue (SDXL refiner)
     preview: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] = ((), ())  # latent->RGB (C, 3) and bias (3,)
     infotext: Callable[[dict], dict[str, str]] | None = None  # build_parameters kwargs -> extra A1111 fields
+    extras: Callable[[Any, ModelSpec, Any, Any], dict] | None = None  # (checkpoint, spec, device, dtype) ->
+                                               # {name: module or tensor}: the family's own parts, loaded with the
+                                               # rest into Components.extras (x4: the low-res noise schedule)
+    extra_tensors: Callable[[ModelSpec], dict[str, dict[str, tuple[int, ...]]]] | None = None
+                                               # component -> {full key: shape} the extras load (key accounting)
+    img2img: Callable[[Any, ModelSpec, Any, Any], tuple[Any, float]] | None = None
+                                               # (parts, spec, request, generator) -> (z0 (1, C, h, w), strength):
+                                               # the family's own img2img start (depth), drawn before the noise
+    tile: int = 0                              # latent side (px) above which the pipeline runs the UNet in
+                                               # overlapping tiles (x4: 512, the low-res image's side); 0 = never
     preset: str = ""                           # presets/<name>.json ("" = the family name)
     preset_v: str = ""                         # the preset when the prediction is v ("" = preset)
     parts: tuple[tuple[str, str], ...] = ()    # extra checkpoint parts (prefix, what) the engine does not run yet

@@ -10,11 +10,18 @@ without a second tower and without a vector input, which would be the SDXL refin
 """
 from __future__ import annotations
 
-from ..config import LatentFormat
-from .common import (INPAINT_CONCAT, INPAINT_INPUTS, INPAINT_OPTIONS, SD_LATENT, SD_RGB, inpaint_check,
+import math
+
+import torch
+
+from ..config import LatentFormat, ModelSpec
+from ..inpaint import image_to_tensor, load_image
+from .common import (INPAINT_CONCAT, INPAINT_INPUTS, INPAINT_OPTIONS, SD_LATENT, SD_RGB, batched, inpaint_check,
                      inpaint_infotext, text_condition, with_inpaint)
-from .family import Family
+from .family import Family, Input
 from .shapes import detect_vae, has, openclip_text
+
+Tensor = torch.Tensor
 
 LDM_TEXT, SGM_TEXT = "cond_stage_model.model.", "conditioner.embedders.0.model."
 X4_LATENT = LatentFormat(scale=0.08333, shift=0.0, channels=4, factor=4)  # x4-upscaling.yaml scale_factor
@@ -68,11 +75,80 @@ SD2_DEPTH = Family(
     unsupported="depth conditioning (5-channel UNet) not implemented yet",
 )
 
+# ------------------------------------------------------------------------------------------- x4 upscaler
+# Reference: Stability-AI/stablediffusion `ldm/models/diffusion/ddpm.py` LatentUpscaleDiffusion and
+# `ldm/modules/diffusionmodules/upscaling.py` ImageConcatWithNoiseAugmentation (configs/stable-diffusion/
+# x4-upscaling.yaml): the low-res RGB image is noised by q_sample of its own "linear" schedule (1e-4 .. 2e-2) at the
+# noise level, concatenated to the latent, and the level is the UNet's class label; diffusers'
+# StableDiffusionUpscalePipeline does the same (low_res_scheduler.add_noise, class_labels=noise_level).
+
+X4_SCHEDULE = (0.0001, 0.02, 1000)   # x4-upscaling.yaml: linear_start / linear_end of both schedules
+X4_MAX_NOISE = 350                   # ImageConcatWithNoiseAugmentation max_noise_level
+X4_BUFFERS = "low_scale_model."
+
+
+def ldm_abar(linear_start: float, linear_end: float, steps: int) -> Tensor:
+    """alphas_cumprod (steps,) float64 of LDM's "linear" schedule: betas = linspace(sqrt(start), sqrt(end))**2."""
+    betas = torch.linspace(math.sqrt(linear_start), math.sqrt(linear_end), steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def file_abar(ckpt, prefix: str, fallback: Tensor) -> tuple[Tensor, str]:
+    """(alphas_cumprod (T,) float64, source) from the file's `<prefix>betas` buffer when it holds a valid one."""
+    shapes = ckpt.shapes()
+    if prefix + "betas" in shapes and len(shapes[prefix + "betas"]) == 1:
+        betas = ckpt.get(prefix + "betas").double()
+        if bool(((betas > 0) & (betas < 1)).all()):
+            return torch.cumprod(1 - betas, 0), f"the file's {prefix}betas"
+    return fallback, "the family's schedule"
+
+
+def x4_extras(ckpt, spec: ModelSpec, device, dtype) -> dict:
+    abar, source = file_abar(ckpt, X4_BUFFERS, ldm_abar(*X4_SCHEDULE))
+    return {"low_res_abar": abar, "low_res_abar_source": source}
+
+
+def x4_check(inputs: dict) -> None:
+    nl = inputs["noise_level"]
+    if float(nl) != int(nl):
+        raise ValueError(f"noise_level must be a whole number (a class label of the UNet), got {nl:g}")
+
+
+def noise_low_res(image: Tensor, level: int, abar: Tensor, generator: torch.Generator) -> Tensor:
+    """q_sample of the low-res image at `level`: sqrt(abar) x + sqrt(1 - abar) n (float64 maths, float32 result).
+    image (1, 3, h, w) in [-1, 1]; n is the family's input-side draw, randn (1, 3, h, w) from `generator`."""
+    n = torch.randn(image.shape, generator=generator, dtype=torch.float32)   # (1, 3, h, w)
+    a = abar[level].double()
+    return (a.sqrt() * image.double() + (1 - a).sqrt() * n.double()).float()
+
+
+def x4_condition(parts, spec: ModelSpec, request, generator) -> tuple[dict, dict]:
+    """Text (OpenCLIP penultimate, "" encoded) + concat = the noised low-res RGB (B, 3, h, w) + vector = the noise
+    level (B,) long as the class label; concat and label identical in both CFG branches."""
+    cond, uncond = text_condition(parts, spec, request, generator)
+    level = int(request.inputs["noise_level"])
+    x = image_to_tensor(load_image(request.inputs["image"], "image"))       # (1, 3, h, w)
+    aug = noise_low_res(x, level, parts.extras["low_res_abar"], generator)  # (1, 3, h, w)
+    extra = batched({"concat": aug.to(cond["crossattn"].dtype), "vector": torch.full((1,), level, dtype=torch.long)},
+                    request.batch_size)
+    return {**cond, **extra}, {**uncond, **extra}
+
+
+def noise_level_infotext(kw: dict) -> dict[str, str]:
+    return {"Noise level": str(int(kw["noise_level"]))} if kw.get("noise_level") is not None else {}
+
+
+X4_INPUTS = (
+    Input("image", "image", "Low-res image", required=True, cli="--init-image", scale=4,
+          help="RGB image to upscale; the output is 4x its size (width and height, when given, must be 4x it)."),
+    Input("noise_level", "number", "Noise level", default=20, min=0, max=X4_MAX_NOISE,
+          help="Noise added to the low-res image (0..350): higher invents more detail, lower keeps it closer."),
+)
+
 SD2_X4 = Family(
-    name="sd2-x4-upscaler", label="SD 2 x4 upscaler", tab="variants", matches=upscaler, build=build,
-    latent=X4_LATENT, concat=(("low_res", 3),), schedule=(0.0001, 0.02, 1000), preview=SD_RGB,
-    parts=(("low_scale_model.", "x4 upscaler low-res noise schedule (upscaling not implemented yet)"),),
-    unsupported="x4 upscaling (7-channel UNet + noise level) not implemented yet",
+    name="sd2-x4-upscaler", label="SD 2 x4 upscaler", tab="upscale", matches=upscaler, build=build,
+    latent=X4_LATENT, condition=x4_condition, concat=(("low_res", 3),), schedule=X4_SCHEDULE, preview=SD_RGB,
+    inputs=X4_INPUTS, check=x4_check, extras=x4_extras, infotext=noise_level_infotext, tile=512,
 )
 
 _UNCLIP_PARTS = (("embedder.", "unCLIP image embedder (image variations not implemented yet)"),

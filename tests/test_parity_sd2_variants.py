@@ -1,0 +1,102 @@
+"""Parity of the SD 2 variants with diffusers on tiny checkpoints in the released layouts (float32, CPU).
+
+The same tiny file is loaded by our engine and converted for diffusers by its single-file converters (the helpers
+of test_parity_pipeline.py, with the yaml fields these variants add: the x4 UNet's `num_classes` and
+`disable_self_attentions`). Then a 6-step Euler generation with CFG runs in both from the same conditioning inputs,
+initial noise and sigmas; the final latents must agree within 1e-4 of their largest magnitude.
+
+- x4 upscaler: diffusers' `StableDiffusionUpscalePipeline` (low_res_scheduler.add_noise at the noise level, the
+  level as `class_labels`, f4 VAE). Its generator draws the low-res noise first, as our convention does, so both
+  sides get the same generator for that draw and the same starting noise (`latents`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler
+from PIL import Image
+
+import tests.test_parity_pipeline as tpp
+from sd.pipeline import GenerateParams, generate, load_model
+from sd.schedules import get_sigmas
+
+from .test_parity_pipeline import diffusers_text, rel_err
+
+
+def picture(w: int, h: int, seed: int = 4) -> Image.Image:
+    """A smooth random RGB picture (a low-res image worth upscaling) of w x h."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, h // 4), max(2, w // 4), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BICUBIC)
+
+
+def variant_parts(monkeypatch, path, spec):
+    """diffusers' UNet, VAE and text encoder of a tiny variant file: the LDM yaml of test_parity_pipeline plus the
+    x4 UNet's class count and disable_self_attentions (diffusers: num_class_embeds, only_cross_attention)."""
+    base = tpp.ldm_yaml
+
+    def yaml(s):
+        y = base(s)
+        params = y["model"]["params"]["unet_config"]["params"]
+        if s.unet.num_classes:
+            params["num_classes"] = s.unet.num_classes
+        if any(s.unet.disable_self_attn):
+            params["disable_self_attentions"] = list(s.unet.disable_self_attn)
+        return y
+
+    monkeypatch.setattr(tpp, "ldm_yaml", yaml)
+    return tpp.diffusers_parts(path, spec)
+
+
+def euler(spec_prediction: str, betas: tuple[float, float], sigmas: torch.Tensor) -> EulerDiscreteScheduler:
+    """diffusers' Euler with our sigmas whatever the pipeline asks for ("leading": x0 = noise * sqrt(1 + s0^2))."""
+    sched = EulerDiscreteScheduler(beta_start=betas[0], beta_end=betas[1], beta_schedule="scaled_linear",
+                                   timestep_spacing="leading",
+                                   prediction_type={"eps": "epsilon", "v": "v_prediction"}[spec_prediction])
+    own = sched.set_timesteps
+    sched.set_timesteps = lambda *a, device=None, **k: own(sigmas=sigmas.tolist(), device=device)
+    return sched
+
+
+@torch.no_grad()
+def test_x4_upscale_matches_diffusers(tiny_files, monkeypatch) -> None:
+    from diffusers import StableDiffusionUpscalePipeline
+
+    path = tiny_files("sd2_x4_upscaler")
+    model = load_model(path)
+    spec = model.spec
+    assert spec.family == "sd2-x4-upscaler" and spec.prediction == "v" and spec.unsupported == ()
+    assert spec.latent.factor == 4 and spec.unet.in_channels == 7 and spec.unet.disable_self_attn[1]
+    unet, vae, texts = variant_parts(monkeypatch, path, spec)
+    prompt, negative = "a sharp photo of a cat", "blurry"
+    ctx, nctx = diffusers_text(texts, spec, prompt)[0], diffusers_text(texts, spec, negative)[0]
+    low = picture(16, 12)
+    w, h, steps, cfg, seed, level = 64, 48, 6, 6.0, 11, 40
+    sigmas = get_sigmas("normal", model.sigmas, steps)
+    # our convention: one generator; (1) the low-res noise (1, 3, 12, 16), (2) the starting noise (1, 4, 12, 16)
+    g = torch.Generator("cpu").manual_seed(seed)
+    torch.randn((1, 3, 12, 16), generator=g, dtype=torch.float32)
+    noise = torch.randn((1, 4, 12, 16), generator=g, dtype=torch.float32)
+
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=texts[0], tokenizer=None, unet=unet, scheduler=euler("v", (0.0001, 0.02), sigmas),
+        low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+        max_noise_level=350)
+    ref = pipe(image=low, noise_level=level, num_inference_steps=steps, guidance_scale=cfg, prompt_embeds=ctx,
+               negative_prompt_embeds=nctx, latents=noise.clone(), generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="latent").images
+    ours = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                          cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                          inputs={"image": low, "noise_level": level}))
+    assert ours.latents.shape == ref.shape == (1, 4, 12, 16)
+    assert ours.images[0].size == (64, 48)
+    assert ref.abs().max() > 0.1
+    err = rel_err(ours.latents, ref)
+    print(f"x4 upscaler: final latent max rel err {err:.2e}")
+    assert err < 1e-4
+    # the noise level matters (class label and augmentation): another level ends elsewhere
+    other = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                           cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                           inputs={"image": low, "noise_level": 300})).latents
+    assert rel_err(other, ref) > 1e-2

@@ -46,6 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = {
         "file": str(ckpt.path),
         "family": spec.family,
+        "network": spec.network,
         "prediction": prediction,
         "prediction_decided_by": source,
         "latent": asdict(spec.latent),
@@ -104,7 +105,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         path = DEMO_CHECKPOINT
         print(f"no --checkpoint given: using the built-in demo model {path}", file=sys.stderr)
-    model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction)
+    from .text_encoders import TextSources
+
+    sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None)
+    model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources)
     inputs = _request_inputs(args, model.family)
     size = (default_size(model.spec, is_demo=args.checkpoint is None),) * 2
     pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs and i.scale]
@@ -135,6 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     result = generate(model, params, callback=progress)
     print(file=sys.stderr)
+    for note in result.info.get("notes", []):   # e.g. which text-encoder files were used, T5 left out
+        print(f"note: {note}", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -189,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the detected prediction type")
+    g.add_argument("--text-encoders", default=None, metavar="DIR",
+                   help="SD3/3.5: folder with clip_l / clip_g / t5xxl_*.safetensors (searched first; default: "
+                        "text_encoders/ or clip/ beside the checkpoint or in the models folder)")
+    g.add_argument("--t5-tokenizer", default=None, metavar="PATH",
+                   help="SD3/3.5: T5's spiece.model or tokenizer.json (default: beside the T5 file)")
     g.add_argument("--sdxl-original-size", type=_size, default=None, help="H,W (default: output size)")
     g.add_argument("--sdxl-crop", type=_size, default=(0, 0), help="top,left (default 0,0)")
     g.add_argument("--sdxl-target-size", type=_size, default=None, help="H,W (default: output size)")
@@ -201,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         text = f"{inp.label}: {inp.help}" if inp.help else inp.label
         kw: dict = {"default": None, "help": text.replace("%", "%%")}
-        if inp.kind == "bool":
-            kw["action"] = "store_true"
+        if inp.kind == "bool":  # a "--no-..." flag switches a default-on input off
+            kw["action"] = "store_false" if flag.startswith("--no-") else "store_true"
         elif inp.kind == "number":
             kw["type"] = float
         elif inp.kind == "choice":

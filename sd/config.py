@@ -114,3 +114,5 @@ class ModelSpec:
     vae_prefix: str = "first_stage_model."
     unsupported: tuple[str, ...] = ()          # parts present in the file that this engine does not run yet
     notes: tuple[str, ...] = field(default=())
+    network: str = "unet"                      # "unet": `unet` is a UNetConfig; "mmdit" (SD3 / 3.5): `unet` is the
+                                               # sd.mmdit.MMDiTConfig (also in/out_channels, context_dim, adm width)

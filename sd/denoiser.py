@@ -105,3 +105,19 @@ def make_denoiser(net: Net, prediction: str, sigmas: Tensor | None) -> Callable[
         return (out.float() * c_out + x.float() * c_skip).to(x.dtype)
 
     return denoise
+
+
+def noised(prediction: str, x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    """The noisy latent at `sigma` from data x0 and unit noise: rectified flow (SD3, Esser et al. 2024)
+    `(1 - sigma) x0 + sigma noise`; eps / v (variance exploding in k-diffusion's form) `x0 + sigma noise`."""
+    if prediction == "flow":
+        return x0 * (1.0 - float(sigma)) + noise * float(sigma)
+    return x0 + noise * float(sigma)
+
+
+def start_noise(prediction: str, noise: Tensor, sigma: float) -> Tensor:
+    """Text to image's start from unit noise at the schedule's first sigma: flow `sigma * noise` (sigma 1: the noise
+    itself, not scaled); eps / v the pinned `noise * sqrt(1 + sigma^2)`."""
+    if prediction == "flow":
+        return noise if float(sigma) == 1.0 else noise * float(sigma)
+    return noise * math.sqrt(1.0 + float(sigma) ** 2)

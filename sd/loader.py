@@ -17,6 +17,7 @@ from .config import ModelSpec
 from .denoiser import discrete_sigmas, sigmas_from_betas
 from .families import Family, get_family, unsupported_parts
 from .families.shapes import UNET, VAE
+from .mmdit import MMDiT
 from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -35,11 +36,20 @@ class KeyReport:
     shape_mismatch: list[str] = field(default_factory=list)
 
 
-def expected_tensors(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
-    """component -> {full checkpoint key: shape}, computed on the meta device (no memory)."""
+def build_network(spec: ModelSpec, device=None, dtype=None) -> nn.Module:
+    """The denoising network of `spec.network`: the LDM UNet, or SD3's MMDiT (Esser et al. 2024)."""
+    if spec.network == "mmdit":
+        return MMDiT(spec.unet, device=device, dtype=dtype)
+    return UNetModel(spec.unet, device=device, dtype=dtype)
+
+
+def expected_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]] | None = None
+                     ) -> dict[str, dict[str, tuple[int, ...]]]:
+    """component -> {full checkpoint key: shape}, computed on the meta device (no memory). `shapes`: the file's,
+    for the text tensors a family reads from them (a bundled T5: Family.text_tensors)."""
     out: dict[str, dict[str, tuple[int, ...]]] = {}
-    unet = UNetModel(spec.unet, device="meta")
-    out["unet"] = {UNET + k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    unet = build_network(spec, device="meta")
+    out[spec.network] = {UNET + k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if spec.vae is not None:
         vae = build_first_stage(spec.vae, device="meta")   # AutoencoderKL, or VQModel for a VQConfig
         out["vae"] = {VAE + k: tuple(v.shape) for k, v in vae.state_dict().items()}
@@ -48,6 +58,8 @@ def expected_tensors(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
     fam = _family_of(spec)
     if fam is not None and fam.extra_tensors is not None:
         out.update(fam.extra_tensors(spec))   # the family's own networks (MiDaS, the unCLIP image tower)
+    if fam is not None and fam.text_tensors is not None and shapes is not None:
+        out.update(fam.text_tensors(shapes))   # SD3: a bundled T5-XXL
     return out
 
 
@@ -79,7 +91,7 @@ def account_keys(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> KeyRepo
     """Sort every key of the file (see module docstring); fills missing/unexpected instead of raising."""
     rep = KeyReport()
     shapes = _with_hf_text_level(shapes, spec)
-    expected = expected_tensors(spec)
+    expected = expected_tensors(spec, shapes)
     owner = {k: comp for comp, keys in expected.items() for k in keys}
     for comp, keys in expected.items():
         rep.loaded[comp] = []
@@ -123,6 +135,7 @@ class Components:
     vae: AutoencoderKL | None
     text_encoders: list[nn.Module]
     extras: dict[str, Any] = field(default_factory=dict)   # the family's own parts (Family.extras), by name
+    notes: tuple[str, ...] = ()        # what loading decided, in plain words (SD3: which text-encoder files)
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device, dtype) -> nn.Module:
@@ -134,12 +147,16 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device
 
 
 def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> UNetModel:
-    """Only the UNet of a file (what `inspect` needs for the prediction probe)."""
-    return _load(UNetModel(spec.unet, device="meta"), ckpt.tensors(UNET), "UNet", device, dtype)
+    """Only the denoising network of a file (UNet or MMDiT; what `inspect` needs for the prediction probe)."""
+    return _load(build_network(spec, device="meta"), ckpt.tensors(UNET), "UNet" if spec.network == "unet" else
+                 spec.network.upper(), device, dtype)
 
 
-def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> Components:
-    """Build every model of `spec` on the meta device and load the file's tensors into it (strict)."""
+def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32,
+                    sources=None) -> Components:
+    """Build every model of `spec` on the meta device and load the file's tensors into it (strict). A family with
+    its own `text_parts` (SD3) loads its text towers itself, from the file or separate files (`sources`: an
+    sd.text_encoders.TextSources, the CLI's --text-encoders / --t5-tokenizer / --no-t5)."""
     rep = account_keys(ckpt.shapes(), spec)
     check_report(rep, ckpt.path.name)
     unet = load_unet(ckpt, spec, device, dtype)
@@ -147,14 +164,18 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
     if spec.vae is not None:
         vae_tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
         vae = _load(build_first_stage(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
-    texts = []
-    for cfg in spec.text_encoders:
-        enc = build_text_encoder(cfg, device="meta")
-        load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
-        texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
+    texts, notes = [], ()
     fam = _family_of(spec)
+    if fam is not None and fam.text_parts is not None:
+        got = fam.text_parts(ckpt, spec, sources, device, dtype)
+        texts, notes = list(got.modules), tuple(got.notes)
+    else:
+        for cfg in spec.text_encoders:
+            enc = build_text_encoder(cfg, device="meta")
+            load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
+            texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
     extras = fam.extras(ckpt, spec, device, dtype) if fam is not None and fam.extras is not None else {}
-    return Components(unet, vae, texts, extras)
+    return Components(unet, vae, texts, extras, notes)
 
 
 def training_sigmas(ckpt: Checkpoint, family: Family) -> tuple[torch.Tensor, str]:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, open_checkpoint
 from .config import ModelSpec
-from .denoiser import make_denoiser, sgm_net
+from .denoiser import make_denoiser, noised, sgm_net, start_noise
 from .families import Family, check_inputs, detect, get_family
 from .guidance import cfg_denoiser
 from .loader import Components, load_components, probe_is_v, training_sigmas
@@ -83,12 +83,16 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
-               prediction: str | None = None) -> LoadedModel:
-    """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason."""
+               prediction: str | None = None, sources=None) -> LoadedModel:
+    """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason. `sources`
+    (sd.text_encoders.TextSources): where separate text-encoder files are (SD3.5), T5 on/off; the notes of what was
+    used go to spec.notes (shown with every result)."""
     ckpt = open_checkpoint(path)
     spec = detect(ckpt.shapes(), prediction=prediction)
     device, dtype = torch.device(device), parse_dtype(dtype)
-    parts = load_components(ckpt, spec, device=device, dtype=dtype)
+    parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources)
+    if parts.notes:
+        spec = replace(spec, notes=(*spec.notes, *parts.notes))
     if spec.prediction_source == "probe":
         is_v = probe_is_v(parts.unet)
         spec = replace(spec, prediction="v" if is_v else "eps",
@@ -158,7 +162,7 @@ def request_inputs(spec: ModelSpec, p: GenerateParams) -> dict:
 
 def check_params(spec: ModelSpec, p: GenerateParams) -> None:
     """Refuse impossible requests with a message saying what to change."""
-    f = spec.latent.factor
+    f = spec.latent.factor * getattr(spec.unet, "patch_size", 1)   # MMDiT: patches of 2 latent pixels (16 px)
     if p.width % f or p.height % f or p.width < f * 2 or p.height < f * 2:
         raise ValueError(f"width and height must be multiples of {f} and at least {2 * f} pixels; got {p.width}x{p.height}")
     if p.width * p.height > 4096 * 4096:
@@ -269,13 +273,38 @@ def guided_denoiser(model: LoadedModel, p: GenerateParams,
     req = replace(p, inputs=request_inputs(model.spec, p))
     g = generator if generator is not None else seed_generator(p.seed)
     cond, uncond = fam.condition(model.parts, model.spec, req, g)
-    net = sgm_net(model.parts.unet)
+    net = network_net(model)
     tile = fam.tile if p.tile is None else p.tile
     f = model.spec.latent.factor
     if fam.tile and tile and max(p.width, p.height) // f > tile:
         net = tiled_net(net, tile, max(1, tile // 4))
-    den = make_denoiser(net, model.spec.prediction, model.sigmas)
+    flow = model.spec.prediction == "flow"     # flow models take t = 1000 sigma, not a discrete timestep
+    den = make_denoiser(net, model.spec.prediction, None if flow else model.sigmas)
+    if fam.guidance is not None:               # the family's own (SD3.5: CFG + skip-layer guidance)
+        return fam.guidance(den, cond, uncond, req, sampling_sigmas(model, req), model.spec)
     return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+
+
+def network_net(model: LoadedModel):
+    """The loaded network as net(x_in, t, crossattn, vector, ...) in the SGM conditioner's language."""
+    if model.spec.network == "mmdit":
+        from .mmdit import mmdit_net
+
+        return mmdit_net(model.parts.unet)
+    return sgm_net(model.parts.unet)
+
+
+def sampling_sigmas(model: LoadedModel, p: GenerateParams) -> Tensor:
+    """The (steps + 1,) sigmas the sampler walks: the family's (flow: from the request's shift) or the named
+    schedule over the training sigmas; truncated by the img2img strength when an init image is given."""
+    fam = model.family
+    if fam.sigmas_for is not None:
+        sigmas = fam.sigmas_for(p.schedule, p.steps, p.inputs or {})   # p.inputs: completed (request_inputs)
+    else:
+        sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)
+    if p.init_image is not None and not any(i.name == "image" for i in fam.inputs):
+        sigmas = img2img_start(sigmas, p.strength)
+    return sigmas
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -338,16 +367,16 @@ def start_latent(model: LoadedModel, p: GenerateParams,
     The noise is the next draw from `generator` (a fresh one from the seed when None: right for families without an
     input-side draw). Families with an "image" input (inpaint) start like text to image."""
     spec = model.spec
-    sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)  # (steps + 1,)
+    sigmas = sampling_sigmas(model, replace(p, inputs=request_inputs(spec, p)))  # (steps + 1,), img2img-truncated
     shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
     g = generator if generator is not None else seed_generator(p.seed)
     noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
                                                                                      dtype=torch.float32)
     if p.init_image is not None and not any(i.name == "image" for i in model.family.inputs):
-        sigmas = img2img_start(sigmas, p.strength)
-        x = encode_image(model, p.init_image, p.width, p.height).expand(shape) + noise * sigmas[0]
+        x = noised(spec.prediction, encode_image(model, p.init_image, p.width, p.height).expand(shape), noise,
+                   sigmas[0])
     else:
-        x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+        x = start_noise(spec.prediction, noise, sigmas[0])
     return x.to(model.device, model.dtype), sigmas
 
 
@@ -368,9 +397,13 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
 
     gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)  # per-step noise of ancestral samplers
     latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
-                     eta=p.eta)
+                     eta=p.eta, flow=model.spec.prediction == "flow")
     stopped = done["n"] < len(sigmas) - 1
     images, notes = decode_latents_info(model, latents)
+    fam = model.family
+    said = fam.request_notes(model.parts, model.spec, replace(p, inputs=request_inputs(model.spec, p))) \
+        if fam.request_notes is not None else ()
+    notes = [*model.spec.notes, *said, *notes]
     return GenerateResult(images, latents.float().cpu(), p.seed, model.spec, stopped=stopped, steps_done=done["n"],
                           info={"notes": notes} if notes else {})
 
@@ -398,10 +431,10 @@ class ModelCache:
         return st.st_size, st.st_mtime_ns
 
     def get(self, path: str | os.PathLike, device="cpu", dtype: str | torch.dtype = torch.float32,
-            prediction: str | None = None) -> LoadedModel:
+            prediction: str | None = None, sources=None) -> LoadedModel:
         path = Path(path)
         resolved = str(path.resolve())
-        same = (str(torch.device(device)), parse_dtype(dtype), prediction)
+        same = (str(torch.device(device)), parse_dtype(dtype), prediction, sources)  # sources: TextSources (SD3)
         stat = self._stat(path)
         key = (resolved, *stat, *same)
         with self._lock:
@@ -413,7 +446,7 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = load_model(path, device=device, dtype=dtype, prediction=prediction)
+            model = load_model(path, device=device, dtype=dtype, prediction=prediction, sources=sources)
             changed = self._stat(path) != stat  # replaced while loading: use it once, do not cache it
             with self._lock:
                 for k in [k for k in self._models if k[0] == resolved and k[3:] == same]:

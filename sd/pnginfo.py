@@ -191,6 +191,15 @@ def to_settings(parsed: dict[str, str]) -> dict:
     for key, name in (("Masked content", "masked_content"), ("Inpaint area", "inpaint_area")):
         if key in parsed:
             s[name] = parsed[key].strip().lower()
+    # SD3 / 3.5 (sd.families.sd3): the flow shift, skip-layer guidance, T5 left out; named like their inputs
+    for key, (name, kind) in {"Shift": ("shift", float), "Skip layer guidance layers": ("slg_layers", str),
+                              "Skip layer guidance scale": ("slg_scale", float),
+                              "Skip layer guidance start": ("slg_start", float),
+                              "Skip layer guidance end": ("slg_end", float)}.items():
+        if key in parsed:
+            s[name] = kind(parsed[key])
+    if parsed.get("T5", "").strip().lower() == "off":
+        s["use_t5"] = False
     if "Refiner" in parsed:
         m = re.match(r"^(.*?)(?:\s*\[([0-9a-fA-F]+)\])?$", parsed["Refiner"])
         s["refiner"], s["refiner_hash"] = m.group(1), m.group(2)
@@ -199,9 +208,12 @@ def to_settings(parsed: dict[str, str]) -> dict:
 
 def guess_tab(settings: dict) -> str:
     """Which app tab the settings belong to when the checkpoint is not on disk: inpainting fields mean the inpaint
-    tab; SDXL fields or a >= 1024 side mean SDXL; 768 means SD 2 (768-v); otherwise SD 1.x."""
+    tab; SD3 fields (Shift, skip-layer guidance) mean SD3; SDXL fields or a >= 1024 side mean SDXL; 768 means SD 2
+    (768-v); otherwise SD 1.x."""
     if any(k in settings for k in ("mask_blur", "masked_content", "inpaint_area", "masked_padding")):
         return "inpaint"
+    if any(k in settings for k in ("shift", "slg_layers", "use_t5")):   # SD3 / 3.5 fields
+        return "sd3"
     if any(k in settings for k in ("sdxl_original_size", "sdxl_target_size", "sdxl_crop", "refiner",
                                    "aesthetic_score")):
         return "sdxl"

@@ -174,3 +174,20 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> Tensor:
     sigma_min = float(flow_sigma(torch.tensor(1.0 / 1000, dtype=torch.float64), shift))
     t = torch.linspace(1.0, sigma_min, steps, dtype=torch.float64)  # (steps,) in (0, 1]
     return _finish(flow_sigma(t, shift))
+
+
+def flow_training_sigmas(shift: float = 3.0, steps: int = 1000) -> Tensor:
+    """The training sigmas of a rectified-flow model with a timestep shift (SD3's `ModelSamplingDiscreteFlow`):
+    flow_sigma(t / 1000, shift) for t = 1..1000. Returns (1000,) float32, increasing, ending at 1."""
+    t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    return flow_sigma(t, shift).to(torch.float32)
+
+
+def flow_schedule(schedule: str, steps: int, shift: float = 3.0) -> Tensor:
+    """Sampler sigmas of a flow model (SD3 / 3.5): "normal" is the reference's (`flow_sigmas`); every other
+    schedule (karras, exponential, sgm_uniform, simple, ddim_uniform, beta) runs over the shifted flow training
+    sigmas, between their sigma_min flow_sigma(0.001) and sigma_max 1. (steps + 1,) float32, ending in 0."""
+    key = str(schedule).strip().lower()
+    if key == "normal":
+        return flow_sigmas(steps, shift)
+    return get_sigmas(schedule, flow_training_sigmas(shift), steps)

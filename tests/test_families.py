@@ -62,7 +62,6 @@ def test_each_layout_matches_exactly_one_family(name: str) -> None:
 
 
 @pytest.mark.parametrize("name,words", [
-    ("sd3_medium", "SD3/SD3.5 MMDiT"), ("sd35_medium", "SD3/SD3.5 MMDiT"), ("sd35_large", "SD3/SD3.5 MMDiT"),
     ("ldm_cin256", "VQ autoencoder"), ("ldm_text2img256", "VQ autoencoder"), ("ldm_kl_f8", "standalone VAE"),
     ("ldm_rdm_768x768", "no text encoder"), ("ldm_txt2img_f8_large", "BERT"),
     ("vqgan_imagenet_f16_1024", "standalone VAE"), ("ldm_lsun_churches256", "mixes widths")])
@@ -73,11 +72,11 @@ def test_sd3_and_ldm_files_keep_their_refusal(name: str, words: str) -> None:
 
 def test_table_declarations() -> None:
     names = [f.name for f in FAMILIES]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names)) == 14
     presets = load_presets()
     for f in FAMILIES:
         assert f.preset_for("eps") in presets and f.preset_for("v") in presets, f.name
-        assert f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants", "upscale", "depth", "unclip"}
+        assert f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants", "sd3", "upscale", "depth", "unclip"}
         assert f.empty_negative in ("encode", "zeros")
         assert len(f.preview[0]) == f.latent.channels and len(f.preview[1]) == 3
         assert f.runs == (f.unsupported == ""), f.name
@@ -86,7 +85,8 @@ def test_table_declarations() -> None:
             assert not i.choices or i.default in i.choices
     # the running families are these, and only SDXL drops an empty negative to zeros
     assert [f.name for f in FAMILIES if f.runs] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-x4-upscaler", "sdxl-base",
-                                                     "sdxl-inpaint", "sdxl-refiner"]
+                                                     "sdxl-inpaint", "sdxl-refiner", "sd3", "sd3.5-large",
+                                                     "sd3.5-medium"]
     assert [f.name for f in FAMILIES if f.empty_negative == "zeros"] == ["sdxl-base", "sdxl-inpaint", "sdxl-refiner"]
     assert get_family("sdxl-refiner").refines == ("sdxl-base",)
     assert (get_family("sd2").size_for("v"), get_family("sd2").size_for("eps"), get_family("sdxl-base").size_for(None)) \

@@ -89,7 +89,7 @@ def test_presets_are_complete_and_agree_with_detection():
     assert known["sd2-unclip-h"] == "v" and "sd2" not in known
     assert (presets["sd2-v"]["width"], presets["sdxl-base"]["width"], presets["demo"]["width"]) == (768, 1024, 64)
     # the latent format is the family's alone (one source); only presets of families without a module carry one
-    assert get_family("sdxl-base").latent.scale == 0.13025 and presets["sd3"]["latent"]["channels"] == 16
+    assert get_family("sdxl-base").latent.scale == 0.13025 and get_family("sd3").latent.channels == 16
     families = {f.name for f in FAMILIES}
     assert [p["name"] for p in presets.values() if "latent" in p and set(p["families"]) & families] == []
     assert preset_for(None, presets, family="sd2")["name"] == "sd2"

@@ -54,8 +54,8 @@ def tiny_mmdit_config(name: str) -> MMDiTConfig:
 
 
 def tiny_clip_configs():
-    l = dataclasses.replace(clip_l_sd3_config(), width=CLIP_WIDTH, layers=2, heads=2, mlp=2 * CLIP_WIDTH)
-    g = dataclasses.replace(clip_g_sd3_config(), width=CLIP_WIDTH, layers=2, heads=2, mlp=2 * CLIP_WIDTH,
+    l = dataclasses.replace(clip_l_sd3_config(), width=CLIP_WIDTH, layers=2, heads=1, mlp=2 * CLIP_WIDTH)
+    g = dataclasses.replace(clip_g_sd3_config(), width=CLIP_WIDTH, layers=2, heads=1, mlp=2 * CLIP_WIDTH,
                             projection_dim=CLIP_WIDTH)
     return l, g
 

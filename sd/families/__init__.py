@@ -12,11 +12,11 @@ from functools import lru_cache
 
 from ..checkpoint import CheckpointError
 from ..config import ModelSpec
-from . import sd1, sd2, sdxl
+from . import sd1, sd2, sd3, sdxl
 from .family import INPUT_KINDS, Family, Input, Shapes
-from .shapes import UNET, VAE, count_prefix, describe_contents, detect_unet, detect_vae, has
+from .shapes import UNET, VAE, count_prefix, describe_contents, detect_mmdit, detect_unet, detect_vae, has
 
-FAMILIES: tuple[Family, ...] = (*sd1.FAMILIES, *sd2.FAMILIES, *sdxl.FAMILIES)
+FAMILIES: tuple[Family, ...] = (*sd1.FAMILIES, *sd2.FAMILIES, *sdxl.FAMILIES, *sd3.FAMILIES)
 
 __all__ = ["FAMILIES", "Family", "Input", "INPUT_KINDS", "detect", "get_family", "check_inputs", "unsupported_parts",
            "tab_of", "decide_prediction", "preset_predictions"]
@@ -74,9 +74,13 @@ def _no_family(shapes: Shapes, unet) -> CheckpointError:
 
 def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
     """Which family a `{key: shape}` dict is, and its architecture numbers. Raises CheckpointError (one line)."""
-    if any(k.startswith(UNET + "joint_blocks.") or k.startswith("joint_blocks.") for k in shapes):
-        raise CheckpointError("this is an SD3/SD3.5 MMDiT checkpoint; SD3 support is not implemented yet")
-    if UNET + "input_blocks.0.0.weight" not in shapes:
+    # the network kind (Family.network): the LDM UNet, or SD3's MMDiT (Esser et al. 2024)
+    kind = "mmdit" if any(k.startswith(UNET + "joint_blocks.") for k in shapes) else "unet"
+    if kind == "unet" and any(k.startswith("joint_blocks.") for k in shapes):
+        raise CheckpointError("it looks like a bare SD3/SD3.5 MMDiT (joint_blocks.* without model.diffusion_model.) "
+                              f"or a diffusers-format file; give the original single-file checkpoint. "
+                              f"Found: {describe_contents(shapes)}")
+    if kind == "unet" and UNET + "input_blocks.0.0.weight" not in shapes:
         if "input_blocks.0.0.weight" in shapes or "conv_in.weight" in shapes:
             hint = "it looks like a bare UNet or a diffusers-format file; give the original single-file checkpoint"
         elif any(k.startswith("encoder.down") or k.startswith("decoder.up") for k in shapes):
@@ -85,9 +89,9 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
         else:
             hint = "it is not a Stable Diffusion checkpoint"
         raise CheckpointError(f"no Stable Diffusion UNet ({UNET}*) found; {hint}. Found: {describe_contents(shapes)}")
-    unet = detect_unet(shapes)
+    unet = detect_mmdit(shapes) if kind == "mmdit" else detect_unet(shapes)
     detect_vae(shapes)  # refuses a VQ first stage (latent-diffusion "SD v0") before any family is tried
-    found = [f for f in _table() if _fits(f, shapes, unet)]
+    found = [f for f in _table() if f.network == kind and _fits(f, shapes, unet)]
     if not found:
         raise _no_family(shapes, unet)
     if len(found) > 1:
@@ -113,7 +117,7 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
         unsupported += ("no VAE in the file (first_stage_model.*): generation needs a separate VAE, not supported yet",)
     pred, source = decide_prediction(fam.name, shapes, prediction)
     return ModelSpec(family=fam.name, unet=unet, vae=vae, text_encoders=texts, latent=fam.latent, prediction=pred,
-                     prediction_source=source, unsupported=unsupported)
+                     prediction_source=source, unsupported=unsupported, network=fam.network)
 
 
 def decide_prediction(family: str, shapes: Shapes, override: str | None) -> tuple[str, str]:

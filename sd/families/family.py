@@ -92,6 +92,24 @@ class Family:
     parts: tuple[tuple[str, str], ...] = ()    # extra checkpoint parts (prefix, what) the engine does not run yet
     unsupported: str = ""                      # why a request is refused when condition is None
     notes: tuple[str, ...] = field(default=())
+    # --- families whose network is not the LDM UNet, or whose text towers may be separate files (SD3 / SD3.5)
+    network: str = "unet"                      # "unet" (sd.unet.UNetModel) or "mmdit" (sd.mmdit.MMDiT): which
+                                               # network detection reads from shapes, the loader builds and the
+                                               # pipeline calls; matchers and builders get that network's config
+    text_parts: Callable[[Any, ModelSpec, Any, Any, Any], Any] | None = None
+                                               # (checkpoint, spec, sources, device, dtype) -> an object with
+                                               # .modules, .configs, .notes: the family loads its own text towers
+                                               # (from the file or separate files); None: spec.text_encoders
+    text_tensors: Callable[[Shapes], dict[str, dict[str, tuple[int, ...]]]] | None = None
+                                               # component -> {full key: shape} of the file's text tensors that
+                                               # text_parts loads beyond spec.text_encoders (key accounting: T5)
+    sigmas_for: Callable[[str, int, dict], Any] | None = None
+                                               # (schedule, steps, inputs) -> (steps + 1,) sampler sigmas: flow
+                                               # families (shift from the request); None: the training sigmas
+    guidance: Callable[..., Any] | None = None  # (denoise, cond, uncond, request, sigmas, spec) -> D(x, sigma):
+                                               # the family's guidance (SD3.5: CFG + skip-layer); None: CFG
+    request_notes: Callable[[Any, ModelSpec, Any], tuple[str, ...]] | None = None
+                                               # (parts, spec, request) -> plain-words notes shown with a result
 
     @property
     def runs(self) -> bool:

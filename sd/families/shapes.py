@@ -178,3 +178,14 @@ def count_prefix(shapes: Shapes, prefix: str) -> int:
     """Number of tensors under `prefix`."""
     return sum(1 for k in shapes if k.startswith(prefix))
 
+
+
+def detect_mmdit(shapes: Shapes, prefix: str = UNET):
+    """SD3 / SD3.5 MMDiT numbers from shapes (sd.mmdit.mmdit_config_for, as the SD3.5 reference reads them), as a
+    one-line CheckpointError when the keys are not a complete MMDiT."""
+    from ..mmdit import mmdit_config_for
+
+    try:
+        return mmdit_config_for(shapes, prefix)
+    except (ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"the SD3/SD3.5 MMDiT ({prefix}*) is incomplete or damaged: {e}") from None

@@ -810,6 +810,15 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
 FUTURE_TABS = (("sd3", "SD3 / 3.5", ("sd3",)), ("ldm", "VQ-GAN / LDM", ("ldm",)))  # tab id, label, presets
 
 
+def tab_views(ctx: AppContext, tab: str) -> None:
+    """Views a tab shows besides its generate form: the VQ-GAN / LDM tab starts with the first-stage round trip."""
+    if tab == "ldm":
+        from app_first_stage import build_first_stage_view
+
+        with gr.Accordion("First stages (VQ-GAN, LDM and SD autoencoders): round-trip an image", open=True):
+            build_first_stage_view(ctx)
+
+
 def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
     """Tabs for the families still to come (until a family of theirs runs and gets its own tab): what they are and
     which files of theirs were found; one more for the detected families that do not run yet."""
@@ -817,6 +826,7 @@ def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
     for tab, label, presets in FUTURE_TABS:
         if tab not in family_tabs():
             with gr.Tab(label, id=tab):
+                tab_views(ctx, tab)
                 gr.Markdown(_future_text(ctx, list(presets), groups.get(tab, [])))
     with gr.Tab("Detected, not run yet", id="variants"):
         md = gr.Markdown(_future_text(ctx, waiting_presets(), groups.get("variants", [])))
@@ -976,6 +986,7 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
             gen_tabs = {}
             for t in family_tabs():
                 with gr.Tab(tab_label(t), id=t, elem_id=f"tab-{t}"):
+                    tab_views(ctx, t)
                     gen_tabs[t] = build_generate_tab(ctx, t, entries)
             variants_md = build_future_tabs(ctx, entries)
             build_pnginfo_tab(ctx, tabs, gen_tabs)

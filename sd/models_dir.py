@@ -179,3 +179,57 @@ def by_tab(entries: list[Entry]) -> dict[str, list[Entry]]:
     for e in entries:
         out.setdefault(e.tab or "unusable", []).append(e)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- LoRA, embeddings, VAE
+# The folders other UIs keep them in, relative to the models folder (A1111: models/Lora, models/VAE and the webui
+# root's embeddings/, i.e. ../embeddings from its models/; ComfyUI: models/loras, models/vae, models/embeddings),
+# plus our own loras/, vae/, embeddings/. A folder given explicitly (--loras-dir ...) is scanned as a whole.
+EXTRA_FOLDERS = {
+    "LoRA": (("loras", "Lora", "models/Lora", "models/loras"), (".safetensors", ".pt", ".ckpt")),
+    "embedding": (("embeddings", "models/embeddings", "../embeddings"), (".safetensors", ".pt", ".bin")),
+    "VAE": (("vae", "VAE", "models/VAE", "models/vae"), (".safetensors", ".pt", ".ckpt")),
+}
+
+
+def extra_files(kind: str, models_dir: str | os.PathLike | None = None,
+                folder: str | os.PathLike | None = None) -> dict[str, Path]:
+    """{name: file} of one kind ("LoRA", "embedding", "VAE"): every matching file under `folder` (when given) and
+    under the models folder's known sub-folders for that kind, recursively, hidden files and folders skipped. The
+    name is the path relative to the folder it was found in, with forward slashes (what a dropdown shows); the
+    first folder wins when two hold the same name. Sorted by name."""
+    subs, suffixes = EXTRA_FOLDERS[kind]
+    roots = [Path(folder)] if folder else []
+    if models_dir:
+        roots += [Path(models_dir) / s for s in subs]
+    out: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for root in roots:
+        if not root.is_dir() or root.resolve() in seen:
+            continue
+        seen.add(root.resolve())
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if (p.is_file() and p.suffix.lower() in suffixes and not any(x.startswith(".") for x in rel.parts)
+                    and rel.as_posix() not in out):
+                out[rel.as_posix()] = p
+    return dict(sorted(out.items()))
+
+
+def resolve_extra(name: object, files: dict[str, Path], kind: str) -> Path:
+    """A name from `extra_files` (its relative path, file name or stem: `<lora:NAME:1>` uses the stem) -> that file;
+    nothing else. Refused like `resolve_listed`: one message whatever the name points at, repeating only the
+    caller's own (shortened) name."""
+    text = name if isinstance(name, str) else ""
+    shown = repr(text[:80] + ("..." if len(text) > 80 else ""))
+    if text:
+        if text in files:
+            return files[text]
+        matches = [rel for rel, p in files.items() if text in (p.name, p.stem)]
+        if len(matches) == 1:
+            return files[matches[0]]
+        if len(matches) > 1:
+            raise NotInModelsFolder(f"{shown} matches several {kind} files: {', '.join(matches)}; give the path "
+                                    "shown in the list")
+    raise NotInModelsFolder(f"no such {kind} in the {kind} folders: {shown} (pick one from the list; after adding "
+                            "files press Refresh)")

@@ -130,6 +130,10 @@ class GenerateParams:
     inputs: dict = field(default_factory=dict)          # the family's declared extra inputs (Family.inputs), by name
     tile: int | None = None                             # latent tile side of the tiled UNet (Family.tile): None = the
                                                         # family's; 0 = tiling off (a larger latent is refused)
+    # extra networks (sd.networks): `<lora:NAME:w>` tags in the prompt resolve in these folders' listings only
+    models_dir: str | None = None                       # models folder: its loras/, Lora/, models/Lora, models/loras
+    loras_dir: str | None = None                        # a LoRA folder given on its own (--loras-dir)
+    loras: tuple = ()                                   # explicit LoRA files: path or (path, te weight, unet weight)
 
 
 @dataclass
@@ -384,6 +388,10 @@ def start_latent(model: LoadedModel, p: GenerateParams,
 def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
              stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
     """Text (and optionally image) to images with one loaded checkpoint, any family."""
+    from .networks import needs_networks, run_with_networks
+
+    if needs_networks(p):   # LoRA tags / files: applied to this request only (sd.networks), then back here
+        return run_with_networks(generate, model, p, callback=callback, stop=stop)
     check_params(model.spec, p)
     g = seed_generator(p.seed)
     guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)

@@ -64,7 +64,8 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
                      refiner_hash: str | None = None, refiner_switch_at: float | None = None,
                      batch_size: int = 1, batch_pos: int = 0, mask_blur: float | None = None,
                      masked_content: str | None = None, inpaint_area: str | None = None,
-                     masked_padding: int | None = None, inputs: dict | None = None) -> str:
+                     masked_padding: int | None = None, inputs: dict | None = None,
+                     extra_fields: dict | None = None) -> str:
     """The `parameters` text of one image. `sampler`/`schedule` are internal names (written as A1111 shows them);
     SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`. The family's own
     fields come from its `infotext` (keyword arguments it does not use are ignored), which also sees the request's
@@ -99,6 +100,7 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
     if refiner:
         fields["Refiner"] = f"{refiner} [{refiner_hash}]" if refiner_hash else refiner
         fields["Refiner switch at"] = num(refiner_switch_at if refiner_switch_at is not None else 0.8)
+    fields.update({k: str(v) for k, v in (extra_fields or {}).items()})  # GenerateResult.info["infotext"]: Lora hashes ...
     fields["Version"] = VERSION
     text = prompt
     if negative_prompt:
@@ -200,6 +202,13 @@ def to_settings(parsed: dict[str, str]) -> dict:
             s[name] = kind(parsed[key])
     if parsed.get("T5", "").strip().lower() == "off":
         s["use_t5"] = False
+    for key, name in (("Lora hashes", "lora_hashes"), ("TI hashes", "ti_hashes")):   # A1111: "name: hash, ..."
+        if key in parsed:
+            s[name] = {n.strip(): h.strip() for n, _, h in (x.rpartition(":") for x in parsed[key].split(","))
+                       if n.strip()}
+    for key, name in (("VAE", "vae"), ("VAE hash", "vae_hash")):
+        if key in parsed:
+            s[name] = parsed[key]
     if "Refiner" in parsed:
         m = re.match(r"^(.*?)(?:\s*\[([0-9a-fA-F]+)\])?$", parsed["Refiner"])
         s["refiner"], s["refiner_hash"] = m.group(1), m.group(2)

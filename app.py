@@ -451,7 +451,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
                 schedule=p.schedule, cfg=p.cfg, seed=p.seed, width=p.width, height=p.height, model_name=model.name,
                 model_hash=model.short_hash, family=model.spec.family,
                 denoising_strength=p.strength if p.init_image is not None else (1.0 if "mask" in inputs else None),
-                **{k: v for k, v in options.items() if k in BUILD_OPTIONS},
+                **{k: v for k, v in options.items() if k in BUILD_OPTIONS}, inputs=p.inputs,
                 sdxl_original_size=p.sdxl_original_size, sdxl_crop=p.sdxl_crop, sdxl_target_size=p.sdxl_target_size,
                 aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
                 refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,

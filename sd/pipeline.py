@@ -134,8 +134,6 @@ class GenerateParams:
     models_dir: str | None = None                       # models folder: its loras/, Lora/, models/Lora, models/loras
     loras_dir: str | None = None                        # a LoRA folder given on its own (--loras-dir)
     loras: tuple = ()                                   # explicit LoRA files: path or (path, te weight, unet weight)
-    embeddings_dir: str | None = None                   # textual inversion: a folder of embeddings (--embeddings-dir);
-                                                        # the models folder's embeddings/ folders are searched too
 
 
 @dataclass

@@ -10,7 +10,9 @@ Each role (clip_l, clip_g, t5xxl) is taken from, in this order:
   1. the checkpoint itself, when it bundles that tower;
   2. `--text-encoders DIR` (TextSources.folder);
   3. a `text_encoders/`, `clip/` (ComfyUI) or `text_encoder/` folder beside the checkpoint, or in the folder above
-     it (the models folder of `models/checkpoints/x.safetensors`), or the one above that.
+     it (the models folder of `models/checkpoints/x.safetensors`), or the one above that;
+  4. diffusers' per-component files beside the checkpoint: `text_encoder/`, `text_encoder_2/`, `text_encoder_3/`
+     `model.safetensors` (a sharded T5 is not read), with the tokenizer in `tokenizer_3/`.
 File names: `clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors` (preferred), `t5xxl_bf16`,
 `t5xxl_fp8_e4m3fn`, `t5xxl.safetensors`. Keys are the towers' own names (CLIP: transformers' `text_model.*` +
 `text_projection.weight`; T5: `encoder.*`, `shared.weight`), optionally under the bundle prefix.
@@ -47,7 +49,10 @@ FILE_NAMES = {"clip_l": ("clip_l.safetensors",), "clip_g": ("clip_g.safetensors"
               "t5xxl": ("t5xxl_fp16.safetensors", "t5xxl_bf16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
                         "t5xxl.safetensors")}
 FOLDER_NAMES = ("text_encoders", "clip", "text_encoder")
+# diffusers' per-component folders (a pipeline folder beside the checkpoint): one model.safetensors each
+DIFFUSERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 TOKENIZER_NAMES = ("spiece.model", "tokenizer.json")
+TOKENIZER_FOLDERS = ("tokenizer_3",)   # diffusers' T5 tokenizer folder
 WHERE = ("in a text_encoders/ (or ComfyUI clip/) folder beside the checkpoint or in the models folder, "
          "or give --text-encoders DIR")
 
@@ -92,12 +97,15 @@ def search_folders(checkpoint: Path, sources: TextSources) -> list[Path]:
     return unique
 
 
-def find_file(role: str, folders: list[Path]) -> Path | None:
-    """The first file named for `role` in `folders` (folder order first, then the names' preference)."""
+def find_file(role: str, folders: list[Path], checkpoint: Path | None = None) -> Path | None:
+    """The first file named for `role` in `folders` (folder order first, then the names' preference); else
+    diffusers' `text_encoder{,_2,_3}/model.safetensors` beside the checkpoint (a sharded T5 is not read)."""
     for folder in folders:
         for name in FILE_NAMES[role]:
             if (folder / name).is_file():
                 return folder / name
+    if checkpoint is not None and (Path(checkpoint).parent / DIFFUSERS[role] / "model.safetensors").is_file():
+        return Path(checkpoint).parent / DIFFUSERS[role] / "model.safetensors"
     return None
 
 
@@ -110,6 +118,7 @@ def find_t5_tokenizer(t5_file: Path | None, folders: list[Path], checkpoint: Pat
             raise FileNotFoundError(f"--t5-tokenizer {sources.t5_tokenizer}: no such file or folder")
         return p
     dirs = ([t5_file.parent] if t5_file is not None else []) + folders + [Path(checkpoint).parent]
+    dirs += [Path(checkpoint).parent / name for name in TOKENIZER_FOLDERS]
     for d in dirs:
         for name in TOKENIZER_NAMES:
             if (d / name).is_file():
@@ -240,7 +249,7 @@ def load_sd3_text(ckpt, context_dim: int, adm: int, sources: TextSources | None 
             return ckpt, PREFIX[role], path.name, f"{LABEL[role].split(' ')[0]} from the checkpoint"
         if folders is None:
             folders = search_folders(path, sources)
-        f = find_file(role, folders)
+        f = find_file(role, folders, path)
         if f is None:
             return None
         other = open_checkpoint(f)  # a damaged file: CheckpointError naming it

@@ -397,3 +397,58 @@ def test_separate_files_through_the_cli(models, tmp_path, capsys) -> None:
     assert main(args + ["--text-encoders", str(enc)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: clip_g.safetensors: expected the CLIP-G")
+
+
+@torch.no_grad()
+def test_img2img_starts_on_the_flow_path(bundled) -> None:
+    """img2img on a flow model: x = (1 - sigma_0) z0 + sigma_0 n on the strength-truncated schedule, z0 the VAE mean
+    in SD3's latent format ((z - 0.0609) * 1.5305)."""
+    from PIL import Image
+
+    from sd.pipeline import encode_image, guided_denoiser
+    from sd.samplers import img2img_start
+
+    model = load_model(bundled)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    p = GenerateParams(prompt=PROMPT, width=32, height=32, steps=6, cfg=3.0, seed=5, init_image=img, strength=0.5)
+    got = generate(model, p)
+    sigmas = img2img_start(flow_sigmas(6, 3.0), 0.5)
+    assert 0.5 < sigmas[0] < 1 and got.steps_done == len(sigmas) - 1 == 3
+    z = model.parts.vae.encode(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None])
+    z0 = encode_image(model, img, 32, 32)
+    assert torch.allclose(z0, (z - 0.0609) * 1.5305)
+    noise = torch.randn((1, 16, 4, 4), generator=torch.Generator("cpu").manual_seed(5))
+    x = (1 - sigmas[0]) * z0 + sigmas[0] * noise
+    ref = sample_euler(guided_denoiser(model, p), x, sigmas)
+    assert (got.latents - ref).abs().max() < 1e-5 and (got.latents - z0).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_diffusers_component_folders(models, tmp_path) -> None:
+    """text_encoder{,_2,_3}/model.safetensors + tokenizer_3/spiece.model beside the checkpoint (diffusers' layout)
+    give the same towers as the ComfyUI layout."""
+    ckpt_path, te = models
+    root = tmp_path / "pipe"
+    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl_fp16")):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(te / f"{name}.safetensors", root / sub / "model.safetensors")
+    (root / "tokenizer_3").mkdir()
+    shutil.copy(te / "spiece.model", root / "tokenizer_3" / "spiece.model")
+    shutil.copy(ckpt_path, root / "sd3.5_medium.safetensors")
+    model = load_model(root / "sd3.5_medium.safetensors")
+    assert model.spec.notes == ("text encoders: CLIP-L from text_encoder/model.safetensors; CLIP-G from "
+                                "text_encoder_2/model.safetensors; T5-XXL from text_encoder_3/model.safetensors "
+                                "(tokenizer tokenizer_3/spiece.model)",)
+    p = GenerateParams(prompt=PROMPT, width=32, height=32, steps=2, seed=1, inputs={"slg_layers": "none"})
+    assert torch.equal(generate(model, p).latents, generate(load_model(ckpt_path), p).latents)
+
+
+def test_a_text_encoder_file_is_not_taken_for_a_checkpoint(models) -> None:
+    """In a models-folder listing, clip_l / t5xxl files get a one-line reason saying where they belong."""
+    _, te = models
+    for name in ("clip_l", "clip_g", "t5xxl_fp16"):
+        shapes = {k: tuple(v.shape) for k, v in load_file(str(te / f"{name}.safetensors")).items()}
+        with pytest.raises(CheckpointError, match="it looks like a separate text encoder .* SD3.5 reads it from a "
+                                                  "text_encoders/ folder"):
+            detect(shapes)

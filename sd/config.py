@@ -26,6 +26,9 @@ class UNetConfig:
     adm_in_channels: int = 0                   # label_emb.0 = Seq(Linear(adm, 4mc), SiLU, Linear): SDXL, unCLIP
     num_classes: int = 0                       # label_emb = Embedding(num_classes, 4mc): x4 upscaler noise level
     disable_self_attn: tuple[bool, ...] = ()   # per level: attn1 attends to the context too (x4 upscaler)
+    legacy_attention: bool = False             # openaimodel's AttentionBlock (GroupNorm, qkv conv1d, proj_out)
+                                               # instead of the SpatialTransformer, where transformer_depth > 0
+                                               # (unconditional / super-resolution LDMs: `input_blocks.N.1.qkv`)
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, channels per head) of an attention layer of this width."""

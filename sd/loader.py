@@ -182,6 +182,10 @@ def training_sigmas(ckpt: Checkpoint, family: Family) -> tuple[torch.Tensor, str
     """(sigmas (T,) float32 increasing, where they came from): the file's own `betas` (LDM) or `denoiser.sigmas`
     (SGM) buffer when it carries a valid one, else the family's schedule."""
     shapes = ckpt.shapes()
+    if family.sigmas_buffer == "alphas_cumprod" and len(shapes.get("alphas_cumprod", ())) == 1:
+        abar = ckpt.get("alphas_cumprod").float()   # (T,) as stored (float32); LDM / k-diffusion CompVisDenoiser
+        if bool(((abar > 0) & (abar < 1)).all()):
+            return ((1 - abar) / abar).sqrt().contiguous(), "the file's alphas_cumprod"
     if "betas" in shapes and len(shapes["betas"]) == 1:
         betas = ckpt.get("betas").double()
         if bool(((betas > 0) & (betas < 1)).all()):

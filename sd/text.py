@@ -10,6 +10,8 @@ checkpoint prefix (`cfg.prefix`) is stripped:
                     original attribute names: `token_embedding`, `positional_embedding`,
                     `transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`,
                     `text_projection` (a matrix used as `x @ P`).
+  naming "class"    LDM's `ClassEmbedder` (Rombach et al. 2022, cin256): `embedding` (n_classes, width), one
+                    row per ImageNet class (+ the null class 1000 of cin256-v2); not a text tower, no prompts.
 Optional keys in files (`*.position_ids`, `logit_scale`) are ignored by the loader.
 
 `encode_prompt` turns a prompt into the cross-attention context the way AUTOMATIC1111 does: 75-token
@@ -162,6 +164,8 @@ class TextEncoder(nn.Module):
                 nn.init.normal_(self.positional_embedding, std=0.01)
                 if cfg.projection_dim:
                     nn.init.normal_(self.text_projection, std=w ** -0.5)
+        elif cfg.naming == "class":  # LDM ClassEmbedder: class index -> (B, 1, width) crossattn
+            self.embedding = nn.Embedding(cfg.vocab_size, cfg.width, device=device, dtype=dtype)
         else:
             raise ValueError(f"unknown text encoder naming {cfg.naming!r}")
 

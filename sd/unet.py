@@ -8,6 +8,7 @@ Module attribute names equal the checkpoint keys with `model.diffusion_model.` s
     label_emb                              Embedding (x4 upscaler) or .0.{0,2} Seq(Linear, SiLU, Linear) (adm)
     input_blocks.0.0                       conv_in
     input_blocks.N.{0 ResBlock, 1 SpatialTransformer?} / input_blocks.N.0.op  Downsample
+                                           (the unconditional LDMs: 1 = AttentionBlock, `cfg.legacy_attention`)
     middle_block.{0 ResBlock, 1 SpatialTransformer, 2 ResBlock}
     output_blocks.N.{0 ResBlock, 1 SpatialTransformer?, 1|2 Upsample}
     out.{0 GroupNorm, 2 conv}
@@ -208,6 +209,29 @@ class SpatialTransformer(nn.Module):
         return x + y
 
 
+class AttentionBlock(nn.Module):
+    """openaimodel's legacy self-attention (Rombach et al. 2022's unconditional and super-resolution LDMs):
+    norm (GroupNorm 32, computed in float32), qkv (1x1 conv1d, C -> 3C), QKVAttentionLegacy, proj_out (1x1 conv1d),
+    + x. Legacy head order: qkv (B, 3C, T) is reshaped to (B * heads, 3 * C/heads, T) and split into q, k, v."""
+
+    def __init__(self, ch: int, heads: int, dd: dict):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(32, ch, **dd)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1, **dd)
+        self.proj_out = nn.Conv1d(ch, ch, 1, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)                                              # (B, C, T)
+        qkv = self.qkv(self.norm(x.float()).to(x.dtype))                     # (B, 3C, T)
+        d = c // self.heads
+        q, k, v = qkv.reshape(b * self.heads, 3 * d, -1).split(d, dim=1)     # each (B*heads, d, T)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B*h, T, d)
+        h = self.proj_out(a.transpose(1, 2).reshape(b, c, -1))               # (B, C, T)
+        return (x + h).reshape(b, c, *spatial)
+
+
 def run_block(block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor | None,
               up_size: tuple[int, int] | None = None) -> Tensor:
     """Apply one `input_blocks.N` / `middle_block` / `output_blocks.N` list (LDM's TimestepEmbedSequential)."""
@@ -240,8 +264,10 @@ class UNetModel(nn.Module):
         assert len(depth) == levels and len(no_sa) == levels, "per-level tuples must match channel_mult"
         emb_ch = 4 * mc
 
-        def transformer(ch: int, d: int, disable_sa: bool) -> SpatialTransformer:
+        def transformer(ch: int, d: int, disable_sa: bool) -> nn.Module:
             heads, dim_head = cfg.heads(ch)
+            if cfg.legacy_attention:
+                return AttentionBlock(ch, heads, dd)
             return SpatialTransformer(ch, heads, dim_head, d, cfg.context_dim, disable_sa,
                                       cfg.use_linear_in_transformer, dd)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sd.families
+from sd.families import ldm
 from sd.__main__ import main
 from sd.checkpoint import CheckpointError
 from sd.denoiser import make_denoiser
@@ -62,8 +63,7 @@ def test_each_layout_matches_exactly_one_family(name: str) -> None:
 
 
 @pytest.mark.parametrize("name,words", [
-    ("ldm_cin256", "VQ autoencoder"), ("ldm_text2img256", "VQ autoencoder"), ("ldm_kl_f8", "standalone VAE"),
-    ("ldm_rdm_768x768", "no text encoder"), ("ldm_txt2img_f8_large", "BERT"),
+    ("ldm_kl_f8", "standalone VAE"),
     ("vqgan_imagenet_f16_1024", "standalone VAE"), ("ldm_lsun_churches256", "mixes widths")])
 def test_sd3_and_ldm_files_keep_their_refusal(name: str, words: str) -> None:
     with pytest.raises(CheckpointError, match=re.escape(words)):
@@ -71,12 +71,12 @@ def test_sd3_and_ldm_files_keep_their_refusal(name: str, words: str) -> None:
 
 
 def test_table_declarations() -> None:
-    names = [f.name for f in FAMILIES]
+    names = [f.name for f in FAMILIES if f not in ldm.FAMILIES]   # the LDM families: tests/test_ldm.py
     assert len(names) == len(set(names)) == 14
     presets = load_presets()
     for f in FAMILIES:
         assert f.preset_for("eps") in presets and f.preset_for("v") in presets, f.name
-        assert f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants", "sd3", "upscale", "depth", "unclip"}
+        assert f.tab == "ldm" or f.tab in {"sd1", "sd2", "sdxl", "inpaint", "variants", "sd3", "upscale", "depth", "unclip"}
         assert f.empty_negative in ("encode", "zeros")
         assert len(f.preview[0]) == f.latent.channels and len(f.preview[1]) == 3
         assert f.runs == (f.unsupported == ""), f.name
@@ -84,7 +84,7 @@ def test_table_declarations() -> None:
             assert i.kind in sd.families.INPUT_KINDS and i.label and i.flag.startswith("--")
             assert not i.choices or i.default in i.choices
     # the running families are these, and only SDXL drops an empty negative to zeros
-    assert [f.name for f in FAMILIES if f.runs] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-x4-upscaler", "sdxl-base",
+    assert [f.name for f in FAMILIES if f.runs and f not in ldm.FAMILIES] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-x4-upscaler", "sdxl-base",
                                                      "sdxl-inpaint", "sdxl-refiner", "sd3", "sd3.5-large",
                                                      "sd3.5-medium"]
     assert [f.name for f in FAMILIES if f.empty_negative == "zeros"] == ["sdxl-base", "sdxl-inpaint", "sdxl-refiner"]

@@ -91,6 +91,8 @@ def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         elif k.startswith(tuple(PART_SCHEDULES)) and k.split(".", 1)[1] in buffers:
             prefix = k.split(".", 1)[0] + "."
             sd[k] = PART_SCHEDULES[prefix]()[k[len(prefix):]]
+        elif k.startswith("model_ema."):  # EMA copies (LDM files; ignored by their rule): placeholders, since the
+            sd[k] = torch.zeros(1)        # released shapes would make a tiny file of a gigabyte
         else:
             sd[k] = torch.zeros(shape)
     return sd

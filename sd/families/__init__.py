@@ -14,9 +14,12 @@ from ..checkpoint import CheckpointError
 from ..config import ModelSpec
 from . import sd1, sd2, sd3, sdxl
 from .family import INPUT_KINDS, Family, Input, Shapes
+from . import ldm  # noqa: E402 - the original latent diffusion models (Rombach et al. 2022), issue 11
+from .shapes import detect_first_stage
 from .shapes import UNET, VAE, count_prefix, describe_contents, detect_mmdit, detect_unet, detect_vae, has
 
 FAMILIES: tuple[Family, ...] = (*sd1.FAMILIES, *sd2.FAMILIES, *sdxl.FAMILIES, *sd3.FAMILIES)
+FAMILIES = (*FAMILIES, *ldm.FAMILIES)  # the LDM ("SD v0") families: sd/families/ldm.py
 
 __all__ = ["FAMILIES", "Family", "Input", "INPUT_KINDS", "detect", "get_family", "check_inputs", "unsupported_parts",
            "tab_of", "decide_prediction", "preset_predictions"]
@@ -93,7 +96,7 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
             hint = "it is not a Stable Diffusion checkpoint"
         raise CheckpointError(f"no Stable Diffusion UNet ({UNET}*) found; {hint}. Found: {describe_contents(shapes)}")
     unet = detect_mmdit(shapes) if kind == "mmdit" else detect_unet(shapes)
-    detect_vae(shapes)  # refuses a VQ first stage (latent-diffusion "SD v0") before any family is tried
+    detect_first_stage(shapes)  # reads the first stage (KL, or VQ for the LDM families) before any family is tried
     found = [f for f in _table() if f.network == kind and _fits(f, shapes, unet)]
     if not found:
         raise _no_family(shapes, unet)
@@ -101,6 +104,8 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
         raise CheckpointError(f"the file matches several families ({', '.join(f.name for f in found)}); "
                               "the family table is ambiguous")
     fam = found[0]
+    if fam.unet_config is not None:   # what shapes cannot tell (LDM attention heads), from the family
+        unet = fam.unet_config(shapes, unet)
     vae, texts = fam.build(shapes, unet)
     if unet.out_channels != fam.latent.channels:
         raise CheckpointError(f"{fam.name}: the UNet outputs {unet.out_channels} channels but the latent has "

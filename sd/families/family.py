@@ -75,6 +75,11 @@ class Family:
     default_size: int = 512                    # side trained at
     v_size: int | None = None                  # side of the v-prediction variant of the same layout (SD 2: 768)
     refines: tuple[str, ...] = ()              # families whose latents this one may continue (SDXL refiner)
+    unet_config: Callable[[Shapes, UNetConfig], UNetConfig] | None = None
+                                               # the UNet numbers shapes cannot tell, from the released config
+                                               # (LDM attention heads); applied once the family is chosen
+    sigmas_buffer: str = "betas"               # which schedule buffer of the file gives the training sigmas:
+                                               # "betas" (SD) or "alphas_cumprod" (LDM, as k-diffusion's CompVisDenoiser)
     preview: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] = ((), ())  # latent->RGB (C, 3) and bias (3,)
     infotext: Callable[[dict], dict[str, str]] | None = None  # build_parameters kwargs -> extra A1111 fields
     extras: Callable[[Any, ModelSpec, Any, Any], dict] | None = None  # (checkpoint, spec, device, dtype) ->

@@ -34,6 +34,7 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
     levels: list[list[tuple[int, int]]] = [[]]  # per level: (res out channels, transformer depth) per block
     disable_self: list[bool] = []
     linear = False
+    legacy = False    # openaimodel's AttentionBlock (`N.1.qkv`) instead of a SpatialTransformer (LDM uncond / SR)
     context_dim = 0
     for i in range(1, n_in):
         b = f"{p}input_blocks.{i}."
@@ -45,6 +46,7 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
                                   "the file is damaged or not a Stable Diffusion UNet")
         ch = shapes[b + "0.out_layers.3.weight"][0]
         depth = _count(shapes, b + "1.transformer_blocks.{}.")
+        legacy_here = not depth and b + "1.qkv.weight" in shapes
         if depth:
             linear = len(shapes[b + "1.proj_in.weight"]) == 2
             context_dim = shapes[b + "1.transformer_blocks.0.attn2.to_k.weight"][1]
@@ -53,6 +55,8 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
                 disable_self.append(attn1_k != ch)
         elif len(disable_self) < len(levels):
             disable_self.append(False)
+        if legacy_here:
+            depth, legacy = 1, True
         levels[-1].append((ch, depth))
     if not levels[-1]:
         raise CheckpointError("UNet input blocks end with a Downsample; the file is damaged")
@@ -68,7 +72,9 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
         mult.append(lv[0][0] // mc)
         depths.append(lv[0][1])
     mid_depth = _count(shapes, p + "middle_block.1.transformer_blocks.{}.")
-    if mid_depth and not context_dim:
+    if not mid_depth and p + "middle_block.1.qkv.weight" in shapes:
+        mid_depth, legacy = 1, True
+    if mid_depth and not context_dim and not legacy:
         context_dim = shapes[p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
         linear = len(shapes[p + "middle_block.1.proj_in.weight"]) == 2
     adm = shapes[p + "label_emb.0.0.weight"][1] if p + "label_emb.0.0.weight" in shapes else 0
@@ -83,6 +89,7 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
         use_linear_in_transformer=linear, adm_in_channels=adm, num_classes=num_classes,
         disable_self_attn=tuple(disable_self[: len(mult)] + [False] * (len(mult) - len(disable_self)))
         if any(disable_self) else (),
+        **({"legacy_attention": True} if legacy else {}),
     )
 
 

@@ -1,0 +1,287 @@
+"""The original latent diffusion models ("SD v0"; Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models"), diffusing in the latent space of a taming VQGAN-style VQ first stage (Esser et al. 2021, "Taming
+Transformers for High-Resolution Image Synthesis") or a KL autoencoder. The same openaimodel UNet as SD 1.x, other
+numbers read from shapes.
+
+Families (app tab "ldm"):
+- `ldm-uncond-vq-f4`: unconditional CelebA-HQ / FFHQ / LSUN bedrooms 256 (one layout, told apart by nothing but their
+  weights): VQ-f4 (3 latent channels), no cond stage, openaimodel's legacy AttentionBlock; runs.
+- `ldm-cin256-v2` (VQ-f4, 3 channels) and `ldm-cin256` (VQ-f8, 4 channels): class-conditional ImageNet,
+  `cond_stage_model.embedding` (ClassEmbedder) as a (B, 1, D) crossattn; cin256-v2 has the null class 1000 that
+  classifier-free guidance uses as the unconditional branch (cin256 has none: CFG is not available); both run.
+- `ldm-bsr-sr`: 4x super-resolution, the low-res image (= the latent size) as a 3-channel concat; runs.
+- detected and loaded, not run yet: `ldm-semantic` (segmentation map concat),
+  `ldm-txt2img-f8-large` / `ldm-text2img256` (the LDM BERT text transformer), `ldm-layout2img` (bounding-box
+  tokens through the same transformer), `ldm-rdm` (retrieval database).
+Recognised by structure only: which first stage (VQ or KL, its latent channels and factor), which cond stage (class
+embedding, text transformer, channel mapper, none), concat channels, the legacy attention blocks. lsun_churches256 and
+inpainting_big (scale-shift-norm ResBlocks with resblock_updown) are not recognised yet.
+
+Conventions (issue 11): sigmas from the file's `alphas_cumprod` buffer (k-diffusion's CompVisDenoiser); attention
+heads, which shapes cannot tell, from each released config (32 channels per head for celeba/ffhq/beds, cin256 v1,
+text2img256, bsr_sr; 1 head for cin256-v2; 8 heads for txt2img-f8-large); decode = quantize to the nearest code,
+post_quant_conv, decoder (sd.vq.VQModel.decode).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+from ..config import LatentFormat, TextEncoderConfig, VQConfig
+from ..inpaint import image_to_tensor, load_image
+from .common import batched
+from .family import Family, Input
+from .shapes import detect_first_stage, has
+
+COND = "cond_stage_model."
+CLASS_KEY = COND + "embedding.weight"            # ClassEmbedder (n_classes, D)
+BERT = COND + "transformer.attn_layers."          # x-transformers TransformerWrapper (BERTEmbedder)
+MAPPER = COND + "channel_mapper.weight"           # SpatialRescaler (semantic synthesis)
+NULL_CLASS = 1000                                 # cin256-v2's unconditional class (ClassEmbedder n_classes 1001)
+
+VQ_F4 = LatentFormat(scale=1.0, shift=0.0, channels=3, factor=4)    # released configs: scale_factor 1.0
+VQ_F8 = LatentFormat(scale=1.0, shift=0.0, channels=4, factor=8)
+KL_F8 = LatentFormat(scale=0.18215, shift=0.0, channels=4, factor=8)  # txt2img-f8-large.yaml scale_factor
+KL_F16 = LatentFormat(scale=0.22765929, shift=0.0, channels=16, factor=16)  # rdm_768x768 config
+# Latent -> RGB previews: the VQ/KL latents are not RGB; a neutral grey mapping of the first channels.
+_GREY3 = (((0.33, 0.33, 0.33), (0.33, 0.33, 0.33), (0.33, 0.33, 0.33)), (0.0, 0.0, 0.0))
+_GREY4 = (((0.25, 0.25, 0.25),) * 4, (0.0, 0.0, 0.0))
+_GREY16 = (((0.0625, 0.0625, 0.0625),) * 16, (0.0, 0.0, 0.0))
+_SD_RGB4 = (((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+             (-0.2120, -0.2616, -0.7177)), (0.0, 0.0, 0.0))
+
+
+# ------------------------------------------------------------------------------------------------ recognising
+
+
+def _first_stage(shapes):
+    try:
+        return detect_first_stage(shapes)
+    except Exception:  # noqa: BLE001 - a damaged first stage is reported by the loader
+        return None
+
+
+def _vq(shapes) -> bool:
+    return isinstance(_first_stage(shapes), VQConfig)
+
+
+def _kl(shapes) -> bool:
+    fs = _first_stage(shapes)
+    return fs is not None and not isinstance(fs, VQConfig)
+
+
+def _no_cond(shapes) -> bool:
+    return not has(shapes, COND)
+
+
+def uncond(shapes, unet) -> bool:
+    """No cond stage, the legacy AttentionBlock, a VQ first stage (celeba / ffhq / lsun beds; bsr_sr by concat)."""
+    return _no_cond(shapes) and unet.legacy_attention and not unet.context_dim and _vq(shapes)
+
+
+def classes(shapes, unet) -> bool:
+    return CLASS_KEY in shapes and unet.context_dim > 0 and _vq(shapes)
+
+
+def semantic(shapes, unet) -> bool:
+    return MAPPER in shapes and _vq(shapes)
+
+
+def bert(depth_one: bool, first_stage):
+    def match(shapes, unet) -> bool:
+        one = max(unet.transformer_depth + (unet.transformer_depth_middle,)) == 1
+        return has(shapes, BERT) and unet.context_dim > 0 and one == depth_one and first_stage(shapes)
+    return match
+
+
+def rdm(shapes, unet) -> bool:
+    return _no_cond(shapes) and unet.context_dim > 0 and not unet.legacy_attention and _kl(shapes)
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _heads(per_head: int = 0, count: int = 0):
+    """The released config's attention heads (shapes cannot tell): `per_head` channels per head, or `count` heads."""
+    def unet_config(shapes, unet):
+        if per_head:
+            return replace(unet, num_heads=-1, num_head_channels=per_head)
+        return replace(unet, num_heads=count, num_head_channels=-1)
+    return unet_config
+
+
+def build_plain(shapes, unet):
+    return detect_first_stage(shapes), ()
+
+
+def class_tower(shapes) -> TextEncoderConfig:
+    """The ClassEmbedder as a cond-stage "tower" (sd.text naming "class"): (n_classes, D) read from the file."""
+    n, d = shapes[CLASS_KEY]
+    return TextEncoderConfig(naming="class", prefix=COND, width=d, layers=0, heads=1, mlp=0, vocab_size=n,
+                             context_length=1, projection_dim=0, pad_token=0, layer="last", final_ln=False)
+
+
+def build_class(shapes, unet):
+    return detect_first_stage(shapes), (class_tower(shapes),)
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in index order, from torchvision's bundled weight metadata (offline)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_index(value) -> int:
+    """A class label as given: an index 0..999, "207", "207: golden retriever" or a class name (any case).
+    ValueError (one line) saying what to give otherwise."""
+    text = str(value).strip()
+    head = text.split(":", 1)[0].strip()
+    try:
+        idx = int(float(head))
+        if float(head) != idx:
+            raise ValueError
+    except ValueError:
+        names = {n.lower(): i for i, n in enumerate(imagenet_classes())}
+        if text.lower() in names:
+            return names[text.lower()]
+        raise ValueError(f"class label {text[:60]!r} is neither an ImageNet class index (0..999) nor a class name; "
+                         "give e.g. 207 or 'golden retriever'") from None
+    if not 0 <= idx <= 999:
+        raise ValueError(f"class label must be an ImageNet class index 0..999, got {idx}; "
+                         f"({NULL_CLASS} is the unconditional class, used by classifier-free guidance itself)")
+    return idx
+
+
+def class_label_text(idx: int) -> str:
+    return f"{idx}: {imagenet_classes()[idx]}"
+
+
+CLASS_INPUT = Input("class_label", "text", "ImageNet class", default="88",
+                    help="An ImageNet-1k class: its index 0..999 (88 = macaw) or its name ('golden retriever').")
+
+
+def check_class(inputs: dict) -> None:
+    class_index(inputs["class_label"])
+
+
+def class_condition(parts, spec, request, generator=None) -> tuple[dict, dict | None]:
+    """crossattn = ClassEmbedder(class) (B, 1, D); the unconditional branch is the null class 1000 where the
+    embedder has it (cin256-v2), else there is none (cin256: CFG off). With CFG 1 the pipeline's guidance evaluates
+    the conditional branch only."""
+    emb = parts.text_encoders[0].embedding
+    idx = class_index(request.inputs["class_label"])
+    cond = {"crossattn": emb.weight[idx][None, None]}                  # (1, 1, D)
+    uncond = {"crossattn": emb.weight[NULL_CLASS][None, None]} if emb.num_embeddings > NULL_CLASS else None
+    return batched(cond, request.batch_size), (batched(uncond, request.batch_size) if uncond else None)
+
+
+def no_condition(parts, spec, request, generator=None) -> tuple[dict, None]:
+    """Unconditional: no crossattn, no vector, no concat, and no unconditional branch (CFG has nothing to do)."""
+    return {}, None
+
+
+def class_infotext(kw: dict) -> dict[str, str]:
+    label = (kw.get("inputs") or {}).get("class_label", kw.get("class_label"))
+    if label is None:
+        return {}
+    try:
+        return {"Class label": class_label_text(class_index(label))}
+    except ValueError:
+        return {"Class label": str(label)}
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+_COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod")
+
+LDM_UNCOND = Family(
+    name="ldm-uncond-vq-f4", label="LDM unconditional 256 (CelebA-HQ / FFHQ / LSUN bedrooms)", matches=uncond,
+    build=build_plain, latent=VQ_F4, condition=no_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
+    unet_config=_heads(per_head=32), preset="ldm-uncond", **_COMMON,
+    notes=("celeba256, ffhq256 and lsun_beds256 share this layout; only their weights differ",),
+)
+
+LDM_CIN_V2 = Family(
+    name="ldm-cin256-v2", label="LDM ImageNet 256 class-conditional (cin256-v2)", matches=classes,
+    build=build_class, latent=VQ_F4, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
+    unet_config=_heads(count=1), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
+    preset="ldm-cin256-v2", **_COMMON,
+)
+
+LDM_CIN = Family(
+    name="ldm-cin256", label="LDM ImageNet 256 class-conditional (cin256, VQ-f8)", matches=classes,
+    build=build_class, latent=VQ_F8, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY4,
+    unet_config=_heads(per_head=32), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
+    preset="ldm-cin256", **_COMMON,
+    notes=("trained without the null class: classifier-free guidance is not available (the CFG scale is unused)",),
+)
+
+# the x-transformers TransformerWrapper's own names (never a CLIP tower's `cond_stage_model.transformer.text_model.`)
+_BERT_PREFIXES = tuple(COND + "transformer." + p for p in ("token_emb.", "pos_emb.", "attn_layers.", "norm.",
+                                                                     "to_logits."))
+_BERT_PART = tuple((p, "the LDM BERT text transformer (x-transformers) and its WordPiece tokenizer: not run yet")
+                   for p in _BERT_PREFIXES)
+
+SR_INPUTS = (
+    Input("image", "image", "Low-res image", required=True, cli="--init-image", scale=4,
+          help="RGB image to upscale 4x (the output is 4x its size); bsr_sr was trained on degraded 64x64 crops."),
+)
+
+
+def sr_condition(parts, spec, request, generator=None) -> tuple[dict, None]:
+    """bsr_sr (conditioning_key concat, cond stage Identity): the low-res image in [-1, 1] at its own size, which is
+    the latent size (output / 4, VQ-f4), appended to the latent: concat (B, 3, h, w). No unconditional branch."""
+    lr = image_to_tensor(load_image(request.inputs["image"], "image"))    # (1, 3, h, w) in [-1, 1]
+    return batched({"concat": lr}, request.batch_size), None
+
+
+LDM_BSR = Family(
+    name="ldm-bsr-sr", label="LDM super-resolution 4x (bsr_sr)", matches=uncond, build=build_plain, latent=VQ_F4,
+    concat=(("low_res", 3),), schedule=(0.0015, 0.0155, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
+    condition=sr_condition, inputs=SR_INPUTS, preset="ldm-bsr-sr", **_COMMON,
+)
+
+LDM_SEMANTIC = Family(
+    name="ldm-semantic", label="LDM semantic synthesis (segmentation map to image)", matches=semantic,
+    build=build_plain, latent=VQ_F4, concat=(("segmentation", 3),), schedule=(0.0015, 0.0205, 1000),
+    preview=_GREY3, unet_config=_heads(count=8), preset="ldm-waiting",
+    parts=((MAPPER.rsplit(".", 1)[0] + ".", "segmentation channel mapper (semantic synthesis not run yet)"),),
+    unsupported="not run yet: needs a segmentation map", **_COMMON,
+)
+
+LDM_TXT_F8 = Family(
+    name="ldm-txt2img-f8-large", label="LDM text-to-image (txt2img-f8-large, KL-f8)",
+    matches=bert(True, _kl), build=build_plain, latent=KL_F8, schedule=(0.00085, 0.012, 1000), preview=_SD_RGB4,
+    unet_config=_heads(count=8), preset="ldm-waiting", parts=_BERT_PART,
+    unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
+    **_COMMON,
+)
+
+LDM_TXT_256 = Family(
+    name="ldm-text2img256", label="LDM text-to-image 256 (text2img256, VQ-f4)", matches=bert(True, _vq),
+    build=build_plain, latent=VQ_F4, schedule=(0.0015, 0.0195, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
+    preset="ldm-waiting", parts=_BERT_PART,
+    unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
+    **_COMMON,
+)
+
+LDM_LAYOUT = Family(
+    name="ldm-layout2img", label="LDM layout-to-image (OpenImages 256)", matches=bert(False, _vq), build=build_plain,
+    latent=VQ_F4, schedule=(0.0015, 0.0205, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
+    preset="ldm-waiting", parts=tuple((p, "bounding-box token transformer (layout-to-image not run yet)")
+                                      for p in _BERT_PREFIXES),
+    unsupported="not run yet: needs a layout (bounding boxes and their classes)", **_COMMON,
+)
+
+LDM_RDM = Family(
+    name="ldm-rdm", label="LDM retrieval-augmented 768 (rdm_768x768)", matches=rdm, build=build_plain,
+    latent=KL_F16, schedule=(0.0015, 0.015, 1000), preview=_GREY16, unet_config=_heads(per_head=32),
+    preset="ldm-waiting", unsupported="not run yet: needs a retrieval database (CLIP nearest neighbours)", **_COMMON,
+)
+
+FAMILIES = (LDM_UNCOND, LDM_CIN_V2, LDM_CIN, LDM_BSR, LDM_SEMANTIC, LDM_TXT_F8, LDM_TXT_256, LDM_LAYOUT, LDM_RDM)

@@ -1,0 +1,306 @@
+"""The original latent diffusion models (issue 11; Rombach et al. 2022, on first stages after Esser et al. 2021):
+every LDM key list detected as its family and rebuilt exactly on the meta device, the legacy AttentionBlock against a
+plain re-statement of openaimodel's QKVAttentionLegacy, the UNet against diffusers' UNet2DModel, sigmas from the
+file's alphas_cumprod, tiny cin256-v2 / celeba256 checkpoints generating through the CLI, CFG 1 evaluating only the
+conditional branch, and one-line errors for a bad class label."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd.families
+from sd.checkpoint import CheckpointError
+from sd.families import detect, get_family
+from sd.families.ldm import class_index, imagenet_classes
+from sd.loader import account_keys
+from sd.pipeline import GenerateParams, generate, load_model
+from sd.unet import AttentionBlock
+
+from .tiny import reference_shapes, write_tiny
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+FAMILY = {"ldm_celeba256": "ldm-uncond-vq-f4", "ldm_ffhq256": "ldm-uncond-vq-f4", "ldm_lsun_beds256": "ldm-uncond-vq-f4",
+          "ldm_cin256_v2": "ldm-cin256-v2", "ldm_cin256": "ldm-cin256", "ldm_bsr_sr": "ldm-bsr-sr",
+          "ldm_semantic_synthesis256": "ldm-semantic", "ldm_semantic_synthesis512": "ldm-semantic",
+          "ldm_txt2img_f8_large": "ldm-txt2img-f8-large", "ldm_text2img256": "ldm-text2img256",
+          "ldm_layout2img_openimages256": "ldm-layout2img", "ldm_rdm_768x768": "ldm-rdm"}
+# (heads, channels per head) of the first attention level, per the released configs (shapes cannot tell)
+HEADS = {"ldm_celeba256": (14, 32), "ldm_cin256_v2": (1, 384), "ldm_cin256": (16, 32), "ldm_bsr_sr": (10, 32),
+         "ldm_txt2img_f8_large": (8, 80), "ldm_text2img256": (12, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_layout_detected_and_rebuilt_exactly(name: str) -> None:
+    shapes = reference_shapes(name)
+    spec = detect(shapes)
+    assert spec.family == FAMILY[name]
+    fam = get_family(spec.family)
+    rep = account_keys(shapes, spec)
+    assert not rep.missing and not rep.unexpected and not rep.shape_mismatch
+    assert sum(map(len, rep.loaded.values())) + len(rep.ignored) + len(rep.unsupported) == len(shapes)
+    assert set(rep.ignored.values()) <= {"LDM schedule buffer (recomputed from the betas)",
+                                         "EMA copy (the model.* weights are used)"}
+    assert (spec.vae.factor, spec.vae.embed_dim) == (fam.latent.factor, fam.latent.channels)
+    assert fam.runs == (name in ("ldm_celeba256", "ldm_ffhq256", "ldm_lsun_beds256", "ldm_cin256_v2", "ldm_cin256",
+                                 "ldm_bsr_sr"))
+    if name in HEADS:
+        assert spec.unet.heads(spec.unet.model_channels * 2) == HEADS[name]
+    if not fam.runs:
+        assert spec.unsupported[-1].startswith("not run yet:")
+
+
+@pytest.mark.parametrize("name,words", [("ldm_lsun_churches256", "mixes widths"), ("ldm_inpainting_big", "mixes widths")])
+def test_layouts_not_recognised_yet_are_one_line_errors(name: str, words: str) -> None:
+    with pytest.raises(CheckpointError, match=words) as e:
+        detect(reference_shapes(name))
+    assert "\n" not in str(e.value)
+
+
+def test_legacy_attention_block_is_qkv_attention_legacy() -> None:
+    """openaimodel.AttentionBlock with QKVAttentionLegacy, re-stated with its einsums and scale 1/sqrt(sqrt(ch))."""
+    g = torch.Generator().manual_seed(0)
+    blk = AttentionBlock(64, 2, {})
+    for p in blk.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    x = torch.randn(2, 64, 5, 6, generator=g)
+    with torch.no_grad():
+        got = blk(x)
+        b, c = 2, 64
+        xf = x.reshape(b, c, -1)
+        qkv = blk.qkv(torch.nn.functional.group_norm(xf, 32, blk.norm.weight, blk.norm.bias, 1e-5))
+        ch = qkv.shape[1] // (3 * 2)
+        q, k, v = qkv.reshape(b * 2, ch * 3, -1).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+        a = torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, xf.shape[-1])
+        want = (xf + blk.proj_out(a)).reshape(x.shape)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def _diffusers_unet2d(spec, sd: dict):
+    """diffusers' UNet2DModel of the LDM pipeline (LDMPipeline) with the same weights, keys mapped here."""
+    import re
+
+    from diffusers import UNet2DModel
+
+    u = spec.unet
+    levels = len(u.channel_mult)
+    widths = tuple(u.model_channels * m for m in u.channel_mult)
+    attn = [d > 0 for d in u.transformer_depth]
+    heads_dim = u.num_head_channels
+    m = UNet2DModel(sample_size=16, in_channels=u.in_channels, out_channels=u.out_channels,
+                    block_out_channels=widths, layers_per_block=u.num_res_blocks, attention_head_dim=heads_dim,
+                    down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+                    up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+                    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+                    time_embedding_type="positional", resnet_time_scale_shift="default", add_attention=True,
+                    downsample_padding=1)
+    src = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    nrb = u.num_res_blocks
+    out = {}
+
+    def res(prefix_new: str, prefix_old: str):
+        for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                     ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
+            for t in ("weight", "bias"):
+                if f"{prefix_old}.{a}.{t}" in src:
+                    out[f"{prefix_new}.{b}.{t}"] = src[f"{prefix_old}.{a}.{t}"]
+
+    def att(prefix_new: str, prefix_old: str, ch: int):
+        heads = ch // heads_dim
+        out[f"{prefix_new}.group_norm.weight"] = src[f"{prefix_old}.norm.weight"]
+        out[f"{prefix_new}.group_norm.bias"] = src[f"{prefix_old}.norm.bias"]
+        w = src[f"{prefix_old}.qkv.weight"][:, :, 0].reshape(heads, 3, ch // heads, ch)   # legacy head order
+        bb = src[f"{prefix_old}.qkv.bias"].reshape(heads, 3, ch // heads)
+        for i, n in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{prefix_new}.{n}.weight"] = w[:, i].reshape(ch, ch)
+            out[f"{prefix_new}.{n}.bias"] = bb[:, i].reshape(ch)
+        out[f"{prefix_new}.to_out.0.weight"] = src[f"{prefix_old}.proj_out.weight"][:, :, 0]
+        out[f"{prefix_new}.to_out.0.bias"] = src[f"{prefix_old}.proj_out.bias"]
+
+    out["conv_in.weight"], out["conv_in.bias"] = src["input_blocks.0.0.weight"], src["input_blocks.0.0.bias"]
+    for a, b in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+                 ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
+        out[f"{b}.weight"], out[f"{b}.bias"] = src[f"{a}.weight"], src[f"{a}.bias"]
+    i = 1
+    for lv in range(levels):
+        for j in range(nrb):
+            res(f"down_blocks.{lv}.resnets.{j}", f"input_blocks.{i}.0")
+            if attn[lv]:
+                att(f"down_blocks.{lv}.attentions.{j}", f"input_blocks.{i}.1", widths[lv])
+            i += 1
+        if lv != levels - 1:
+            out[f"down_blocks.{lv}.downsamplers.0.conv.weight"] = src[f"input_blocks.{i}.0.op.weight"]
+            out[f"down_blocks.{lv}.downsamplers.0.conv.bias"] = src[f"input_blocks.{i}.0.op.bias"]
+            i += 1
+    res("mid_block.resnets.0", "middle_block.0")
+    att("mid_block.attentions.0", "middle_block.1", widths[-1])
+    res("mid_block.resnets.1", "middle_block.2")
+    i = 0
+    for k, lv in enumerate(reversed(range(levels))):
+        for j in range(nrb + 1):
+            res(f"up_blocks.{k}.resnets.{j}", f"output_blocks.{i}.0")
+            if attn[lv]:
+                att(f"up_blocks.{k}.attentions.{j}", f"output_blocks.{i}.1", widths[lv])
+            if lv != 0 and j == nrb:
+                up = f"output_blocks.{i}.{2 if attn[lv] else 1}.conv"
+                out[f"up_blocks.{k}.upsamplers.0.conv.weight"] = src[f"{up}.weight"]
+                out[f"up_blocks.{k}.upsamplers.0.conv.bias"] = src[f"{up}.bias"]
+            i += 1
+    missing, unexpected = m.load_state_dict(out, strict=False)
+    assert not missing and not unexpected, (missing[:4], unexpected[:4])
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    return {n: write_tiny(n, root / f"{n}.safetensors") for n in ("ldm_celeba256", "ldm_cin256_v2", "ldm_bsr_sr")}
+
+
+def test_unconditional_unet_parity_with_diffusers(files) -> None:
+    from safetensors.torch import load_file
+
+    model = load_model(files["ldm_celeba256"])
+    ref = _diffusers_unet2d(model.spec, load_file(str(files["ldm_celeba256"])))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        ours = model.parts.unet(x, t)
+        want = ref(x, t).sample
+    assert float((ours - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_sigmas_from_the_files_alphas_cumprod(files) -> None:
+    from safetensors.torch import load_file
+
+    model = load_model(files["ldm_cin256_v2"])
+    abar = load_file(str(files["ldm_cin256_v2"]))["alphas_cumprod"]
+    assert abar.dtype == torch.float32 and model.sigmas_source == "the file's alphas_cumprod"
+    assert torch.equal(model.sigmas, ((1 - abar) / abar).sqrt())
+    # the LDM linear schedule 0.0015 .. 0.0195 of the released configs
+    assert float(model.sigmas[-1]) == pytest.approx(math.sqrt((1 - float(abar[-1])) / float(abar[-1])))
+    assert float(model.sigmas[0]) == pytest.approx(math.sqrt(0.0015 / (1 - 0.0015)), rel=1e-4)
+
+
+def _run(model, **kw):
+    p = GenerateParams(prompt="", width=64, height=64, steps=3, sampler="ddim", schedule="ddim_uniform", seed=5, **kw)
+    return generate(model, p)
+
+
+def test_cfg_1_never_evaluates_the_unconditional_branch(files, monkeypatch) -> None:
+    model = load_model(files["ldm_cin256_v2"])
+    calls: list[tuple[int, tuple]] = []
+    unet = model.parts.unet
+    orig = unet.forward
+
+    def spy(x, t, context=None, y=None):
+        calls.append((x.shape[0], tuple(context.shape)))
+        return orig(x, t, context=context, y=y)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    one = _run(model, cfg=1.0, inputs={"class_label": "207"})
+    assert [c[0] for c in calls] == [1, 1, 1] and calls[0][1] == (1, 1, 64)
+    calls.clear()
+    guided = _run(model, cfg=4.0, inputs={"class_label": "207"})
+    assert [c[0] for c in calls] == [2, 2, 2]                       # [cond; null class] batched
+    fam = get_family("ldm-cin256-v2")
+    cond_only = replace(fam, condition=lambda parts, spec, req, g: (fam.condition(parts, spec, req, g)[0], None))
+    monkeypatch.setattr(sd.families, "FAMILIES", tuple(cond_only if f.name == fam.name else f
+                                                       for f in sd.families.FAMILIES))
+    calls.clear()
+    never = _run(model, cfg=4.0, inputs={"class_label": "207"})
+    assert [c[0] for c in calls] == [1, 1, 1]
+    assert torch.equal(one.latents, never.latents)
+    assert float((one.latents - guided.latents).abs().max()) > 1e-3
+    # the null class is the unconditional crossattn
+    cond, uncond = fam.condition(model.parts, model.spec, GenerateParams(inputs={"class_label": "golden retriever"}),
+                                 None)
+    emb = model.parts.text_encoders[0].embedding.weight
+    assert torch.equal(cond["crossattn"][0, 0], emb[207]) and torch.equal(uncond["crossattn"][0, 0], emb[1000])
+
+
+def test_class_labels() -> None:
+    names = imagenet_classes()
+    assert len(names) == 1000 and names[207] == "golden retriever" and names[88] == "macaw"
+    assert [class_index(v) for v in (0, "999", "207: golden retriever", "Golden Retriever", 88.0)] == [0, 999, 207,
+                                                                                                       207, 88]
+    for bad, words in ((1000, "0..999"), (-1, "0..999"), ("3.5", "neither"), ("no such bird", "neither")):
+        with pytest.raises(ValueError, match=words) as e:
+            class_index(bad)
+        assert "\n" not in str(e.value)
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "sd", "generate", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cin256_v2_and_celeba_generate_through_the_cli(files, tmp_path: Path, capsys) -> None:
+    from sd.__main__ import main
+
+    common = ["--width", "64", "--height", "64", "--steps", "3", "--sampler", "ddim", "--schedule", "ddim_uniform",
+              "--seed", "5"]
+    out = tmp_path / "cin.png"
+    r = _cli(["--checkpoint", str(files["ldm_cin256_v2"]), "--prompt", "", "--class-label", "207", "--cfg", "3",
+              *common, "--out", str(out)], ROOT)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["family"] == "ldm-cin256-v2" and rep["images"] == [str(out)]
+    want = _run(load_model(files["ldm_cin256_v2"]), cfg=3.0, inputs={"class_label": "207"})
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.images[0]))
+    out2 = tmp_path / "celeba.png"
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(files["ldm_celeba256"]), "--prompt", "", *common,
+                 "--out", str(out2)]) == 0   # in process: the same entry point, without another interpreter start
+    assert json.loads(capsys.readouterr().out)["family"] == "ldm-uncond-vq-f4"
+    want = _run(load_model(files["ldm_celeba256"]), cfg=7.0)
+    img = np.asarray(Image.open(out2))
+    assert img.shape == (64, 64, 3) and np.array_equal(img, np.asarray(want.images[0])) and img.std() > 1
+    # a class label outside 0..999: one line, exit 2, nothing written
+    bad = tmp_path / "bad.png"
+    assert main(["generate", "--checkpoint", str(files["ldm_cin256_v2"]), "--prompt", "", "--class-label", "1000",
+                 *common, "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "0..999" in err and not bad.exists()
+    # a class label to a model that takes none
+    assert main(["generate", "--checkpoint", str(files["ldm_celeba256"]), "--prompt", "", "--class-label", "3",
+                 *common, "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--class-label" in err and not bad.exists()
+
+
+def test_bsr_sr_concats_the_low_res_image(files, monkeypatch) -> None:
+    from .tiny_first_stage import sample_image
+
+    model = load_model(files["ldm_bsr_sr"])
+    lr = sample_image((16, 12), seed=4)
+    seen = []
+    orig = model.parts.unet.forward
+
+    def spy(x, t, context=None, y=None):
+        seen.append(x.clone())
+        return orig(x, t, context=context, y=y)
+
+    monkeypatch.setattr(model.parts.unet, "forward", spy)
+    res = generate(model, GenerateParams(width=64, height=48, steps=2, sampler="ddim", schedule="ddim_uniform",
+                                         inputs={"image": lr}))
+    want = torch.from_numpy(np.asarray(lr, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    assert len(seen) == 2 and seen[0].shape == (1, 6, 12, 16)
+    assert all(torch.equal(x[:, 3:], want) for x in seen)
+    assert res.images[0].size == (64, 48)
+    with pytest.raises(ValueError, match="4x") as e:   # the output must be 4x the low-res image
+        generate(model, GenerateParams(width=64, height=64, steps=2, inputs={"image": lr}))
+    assert "\n" not in str(e.value)

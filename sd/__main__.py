@@ -89,7 +89,7 @@ def _request_inputs(args: argparse.Namespace, family) -> dict:
             continue
         if flag in declared:
             inputs[declared[flag].name] = value
-        elif flag != "--init-image":
+        elif flag not in ("--init-image", "--strength"):   # img2img's own flags for the other families
             takes = ", ".join(declared) or "no extra inputs"
             raise ValueError(f"{flag}: a {family.name} checkpoint takes no {inp.label.lower()} (it takes {takes})")
     return inputs
@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.init_image and not any(i.flag == "--init-image" for i in model.family.inputs):
         params.init_image = load_image(args.init_image, "--init-image")
-        params.strength = args.strength
+        params.strength = 0.75 if args.strength is None else args.strength
 
     def progress(info: dict) -> None:
         print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
@@ -206,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aesthetic-score", type=float, default=6.0)
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5)
     g.add_argument("--init-image", default=None, help="img2img source image; for inpainting models the image to inpaint")
-    g.add_argument("--strength", type=float, default=0.75)
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img denoising strength (default 0.75; depth-to-image: its own, 0.9)")
     for flag, inp in _family_inputs().items():
-        if flag == "--init-image":
+        if flag in ("--init-image", "--strength"):   # defined above
             continue
         text = f"{inp.label}: {inp.help}" if inp.help else inp.label
         kw: dict = {"default": None, "help": text.replace("%", "%%")}

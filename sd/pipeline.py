@@ -365,6 +365,22 @@ def tiled_net(net, tile: int, overlap: int):
     return run
 
 
+def family_img2img_start(model: LoadedModel, p: GenerateParams, sigmas: Tensor, shape: tuple[int, ...],
+                         g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(x, sigmas) of a family with its own img2img start (Family.img2img: depth-to-image): z0 and the strength from
+    the family (its posterior sample is the first draw), then the noise; of the full `steps` schedule the last
+    k = min(int(strength * steps), steps) steps run (diffusers' get_timesteps), x = z0 + noise * sigmas[steps - k]."""
+    req = replace(p, inputs=request_inputs(model.spec, p))
+    z0, strength = model.family.img2img(model.parts, model.spec, req, g)          # (1, C, h, w)
+    noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
+                                                                                     dtype=torch.float32)
+    steps = sigmas.shape[0] - 1
+    k = min(int(strength * steps), steps)
+    sigmas = sigmas[steps - k:]                                                     # (k + 1,)
+    x = z0.float().expand(shape) + noise * sigmas[0]
+    return x.to(model.device, model.dtype), sigmas
+
+
 def start_latent(model: LoadedModel, p: GenerateParams,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """(x, sigmas): the schedule (truncated for img2img) and the noisy starting latent by the pinned conventions.
@@ -374,6 +390,8 @@ def start_latent(model: LoadedModel, p: GenerateParams,
     sigmas = sampling_sigmas(model, replace(p, inputs=request_inputs(spec, p)))  # (steps + 1,), img2img-truncated
     shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
     g = generator if generator is not None else seed_generator(p.seed)
+    if model.family.img2img is not None:   # the family's own img2img start (depth): z0 drawn before the noise
+        return family_img2img_start(model, p, sigmas, shape, g)
     noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
                                                                                      dtype=torch.float32)
     if p.init_image is not None and not any(i.name == "image" for i in model.family.inputs):

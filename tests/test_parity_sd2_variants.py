@@ -8,6 +8,10 @@ initial noise and sigmas; the final latents must agree within 1e-4 of their larg
 - x4 upscaler: diffusers' `StableDiffusionUpscalePipeline` (low_res_scheduler.add_noise at the noise level, the
   level as `class_labels`, f4 VAE). Its generator draws the low-res noise first, as our convention does, so both
   sides get the same generator for that draw and the same starting noise (`latents`).
+- depth-to-image: diffusers' `StableDiffusionDepth2ImgPipeline` given the same depth map (the L image / 255 as its
+  `depth_map` tensor; both resize it bicubically to the latent and normalise it to [-1, 1]) and the same generator:
+  its draws (the init image's posterior sample, then the noise) are in our order, so the latents match from the
+  seed alone; the truncated schedule is diffusers' get_timesteps on our sigmas.
 """
 from __future__ import annotations
 
@@ -100,3 +104,48 @@ def test_x4_upscale_matches_diffusers(tiny_files, monkeypatch) -> None:
                                            cfg=cfg, seed=seed, sampler="euler", schedule="normal",
                                            inputs={"image": low, "noise_level": 300})).latents
     assert rel_err(other, ref) > 1e-2
+
+
+def depth_picture(w: int, h: int) -> Image.Image:
+    """A depth map (mode L, white = near) of w x h: a ramp with a near square."""
+    d = np.tile(np.linspace(30, 200, w, dtype=np.float32)[None], (h, 1))
+    d[h // 4: h // 2, w // 4: w // 2] = 250
+    return Image.fromarray(d.astype(np.uint8), "L")
+
+
+@torch.no_grad()
+def test_depth2img_matches_diffusers(tiny_files, monkeypatch) -> None:
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    path = tiny_files("sd2_depth")
+    model = load_model(path)
+    spec = model.spec
+    assert spec.family == "sd2-depth" and spec.prediction == "eps" and spec.unet.in_channels == 5
+    unet, vae, texts = variant_parts(monkeypatch, path, spec)
+    prompt, negative = "a wooden house", "blurry"
+    ctx, nctx = diffusers_text(texts, spec, prompt)[0], diffusers_text(texts, spec, negative)[0]
+    w, h, steps, cfg, seed, strength = 64, 48, 8, 6.0, 13, 0.7
+    image, depth = picture(w, h, seed=2), depth_picture(40, 30)    # the map at another size than the image
+    sigmas = get_sigmas("normal", model.sigmas, steps)
+    pipe = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=texts[0], tokenizer=None, unet=unet,
+                                            scheduler=euler("eps", (0.00085, 0.012), sigmas), depth_estimator=None,
+                                            feature_extractor=None)
+    d = torch.from_numpy(np.asarray(depth, dtype=np.float32) / 255.0)[None]   # (1, 30, 40)
+    ref = pipe(image=image, depth_map=d, strength=strength, num_inference_steps=steps, guidance_scale=cfg,
+               prompt_embeds=ctx, negative_prompt_embeds=nctx, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="latent").images
+    ours = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                          cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                          inputs={"image": image, "depth_map": depth, "strength": strength}))
+    assert ours.latents.shape == ref.shape == (1, 4, 6, 8)
+    assert ours.steps_done == int(strength * steps) == 5
+    assert ref.abs().max() > 0.1
+    err = rel_err(ours.latents, ref)
+    print(f"depth2img: final latent max rel err {err:.2e}")
+    assert err < 1e-4
+    # the depth concat matters: the map upside down ends elsewhere
+    flipped = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h,
+                                             steps=steps, cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                             inputs={"image": image, "depth_map": depth.transpose(Image.FLIP_TOP_BOTTOM),
+                                                     "strength": strength})).latents
+    assert rel_err(flipped, ref) > 1e-3

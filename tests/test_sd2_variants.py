@@ -21,14 +21,14 @@ import app
 from sd.__main__ import main
 from sd.checkpoint import open_checkpoint
 from sd.denoiser import sgm_net
-from sd.families.sd2 import ldm_abar, noise_low_res
+from sd.families.sd2 import depth_map_tensor, ldm_abar, noise_low_res
 from sd.inpaint import image_to_tensor
 from sd.loader import account_keys
 from sd.pipeline import GenerateParams, ModelCache, generate, load_model, tile_ramp, tile_starts, tiled_net
 from sd.pnginfo import build_parameters, parse_parameters, to_settings
 
 from .test_app import free_port
-from .test_parity_sd2_variants import picture
+from .test_parity_sd2_variants import depth_picture, picture
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,10 @@ def world(tiny_files, tmp_path_factory):
     models, outputs = root / "models", root / "outputs"
     models.mkdir()
     os.symlink(tiny_files("sd2_x4_upscaler"), models / "x4.safetensors")
+    os.symlink(tiny_files("sd2_depth"), models / "depth.safetensors")
     picture(16, 16).save(root / "low.png")
+    picture(64, 64).save(root / "photo.png")
+    depth_picture(40, 30).save(root / "depth.png")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -214,3 +217,115 @@ def test_upscale_bad_size_is_refused_and_nothing_is_written(world) -> None:
     assert "\n" not in str(e.value)
     after = set(world["outputs"].rglob("*.png")) if world["outputs"].exists() else set()
     assert after == before
+
+
+# ------------------------------------------------------------------------------------------- depth-to-image
+
+
+@pytest.fixture(scope="module")
+def depth(tiny_files):
+    return load_model(tiny_files("sd2_depth"))
+
+
+def depth_params(**kw) -> GenerateParams:
+    base = dict(prompt="a house", negative_prompt="", width=64, height=48, steps=4, cfg=5.0, seed=3,
+                sampler="euler", schedule="normal", inputs={"image": picture(64, 48), "depth_map": depth_picture(40, 30)})
+    return GenerateParams(**{**base, **kw})
+
+
+def test_depth_map_is_resized_and_normalised_like_the_reference() -> None:
+    import torch.nn.functional as F
+
+    m = depth_picture(40, 30)
+    t = depth_map_tensor(m, (6, 8))
+    d = torch.tensor(np.asarray(m, dtype=np.float32) / 255)[None, None]
+    r = F.interpolate(d, size=(6, 8), mode="bicubic", align_corners=False)
+    ref = 2 * (r - r.min()) / (r.max() - r.min()) - 1
+    assert t.shape == (1, 1, 6, 8) and (t - ref).abs().max().item() < 1e-6
+    assert t.min().item() == -1 and t.max().item() == 1
+    assert t[0, 0, 2, 3] > t[0, 0, 5, 0]          # the near square (white) stays larger than the far ramp end
+
+
+@torch.no_grad()
+def test_depth_strength_truncates_the_schedule(depth) -> None:
+    full = generate(depth, depth_params(inputs={**depth_params().inputs, "strength": 1.0}))
+    part = generate(depth, depth_params(inputs={**depth_params().inputs, "strength": 0.5}))
+    none = generate(depth, depth_params(inputs={**depth_params().inputs, "strength": 0.0}))
+    assert (full.steps_done, part.steps_done, none.steps_done) == (4, 2, 0)
+    # strength 0: the init image's posterior sample comes back (the first draw of the seed's generator)
+    from sd.families.common import vae_posterior_sample
+
+    z0 = vae_posterior_sample(depth.parts.vae, image_to_tensor(picture(64, 48)), depth.spec.latent,
+                              torch.Generator("cpu").manual_seed(3))
+    assert torch.allclose(none.latents, z0, atol=1e-6)
+    assert (part.latents - z0).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("inputs,match", [
+    (dict(depth_map=None), "needs a depth map: give --depth-map"),
+    (dict(depth_map="/nonexistent/depth.png"), "depth_map '/nonexistent/depth.png': no such file"),
+    (dict(depth_map=__file__), "is not an image"),
+    (dict(strength=1.5), "strength must be between 0 and 1"),
+])
+def test_depth_bad_input_one_line_errors(depth, inputs, match) -> None:
+    given = {**depth_params().inputs, **inputs}
+    with pytest.raises(ValueError, match=match) as e:
+        generate(depth, depth_params(inputs={k: v for k, v in given.items() if v is not None}))
+    assert "\n" not in str(e.value)
+
+
+def test_flat_depth_map_is_refused(depth) -> None:
+    from PIL import Image
+
+    flat = Image.new("L", (40, 30), 128)
+    with pytest.raises(ValueError, match="one value everywhere"):
+        generate(depth, depth_params(inputs={"image": picture(64, 48), "depth_map": flat}))
+
+
+def test_depth_cli_and_infotext(tiny_files, tmp_path, capsys) -> None:
+    path = str(tiny_files("sd2_depth"))
+    picture(64, 48).save(tmp_path / "photo.png")
+    depth_picture(40, 30).save(tmp_path / "depth.png")
+    out = tmp_path / "d.png"
+    code = main(["generate", "--checkpoint", path, "--prompt", "a house", "--init-image", str(tmp_path / "photo.png"),
+                 "--depth-map", str(tmp_path / "depth.png"), "--strength", "0.5", "--steps", "4", "--out", str(out)])
+    assert code == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 48)
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    code = main(["generate", "--checkpoint", path, "--prompt", "a house", "--init-image", str(tmp_path / "photo.png"),
+                 "--steps", "2", "--out", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not bad.exists() and "give --depth-map" in err and err.count("\n") == 0
+    # --strength means img2img for the other families still
+    code = main(["generate", "--checkpoint", str(tiny_files("sd1")), "--prompt", "x", "--init-image",
+                 str(tmp_path / "photo.png"), "--strength", "0.5", "--width", "64", "--height", "48", "--steps", "2",
+                 "--out", str(tmp_path / "sd1.png")])
+    assert code == 0
+    text = build_parameters(prompt="a house", negative_prompt="", steps=4, sampler="euler", schedule="normal",
+                            cfg=5, seed=3, width=64, height=48, model_name="depth", model_hash=None, family="sd2-depth",
+                            inputs={"strength": 0.5})
+    assert "Denoising strength: 0.5" in text and to_settings(parse_parameters(text))["strength"] == 0.5
+
+
+def test_depth_endpoint(world, depth) -> None:
+    from gradio_client import handle_file
+    from PIL import Image
+
+    names = app.tab_inputs("depth")
+    assert names[-3:] == ("image", "depth_map", "strength") and "init_image" not in names
+    images, _, status, infotext, seed, _ = world["client"].predict(
+        checkpoint="depth.safetensors", prompt="a house", steps=4, seed=5, width=64, height=64, sampler="Euler",
+        schedule="Normal", cfg=5, image=handle_file(str(world["root"] / "photo.png")),
+        depth_map=handle_file(str(world["root"] / "depth.png")), strength=0.5, api_name="/generate_depth")
+    out = Image.open(images[0]["image"])
+    assert out.size == (64, 64) and status.startswith("done: 1 image(s), 2 steps")
+    ref = generate(depth, depth_params(steps=4, seed=5, height=64, inputs={
+        "image": Image.open(world["root"] / "photo.png"), "depth_map": Image.open(world["root"] / "depth.png"),
+        "strength": 0.5}))
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(ref.images[0]))
+    assert to_settings(parse_parameters(infotext)).get("strength") == 0.5, (
+        "app.py must pass the family inputs to the infotext: in run_request's build_parameters(...) call add "
+        "`inputs=inputs,` (Family.infotext then writes 'Denoising strength' for depth-to-image)")

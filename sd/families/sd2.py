@@ -2,9 +2,10 @@
 cross-attention on OpenCLIP ViT-H/14's penultimate layer (+ final LN), eps (512) or v (768) prediction, kl-f8.
 
 Families: `sd2` (text to image; eps or v settled by the A1111 probe), `sd2-inpaint` (512-inpainting-ema: 9-channel
-UNet, concat = mask + masked-image latent), and, detected and loaded but not run yet, `sd2-depth` (5 channels:
-MiDaS depth), `sd2-x4-upscaler` (7 channels: latent + low-res RGB, noise-level class label, kl-f4 latent),
-`sd2-unclip-h` / `sd2-unclip-l` (CLIP image embedding + noise level as the UNet's vector).
+UNet, concat = mask + masked-image latent), `sd2-depth` (5 channels: latent + a given depth map, img2img from the
+init image; the MiDaS estimator in the file is not run yet), `sd2-x4-upscaler` (7 channels: latent + the noised
+low-res RGB, noise-level class label, kl-f4 latent), and, detected and loaded but not run yet, `sd2-unclip-h` /
+`sd2-unclip-l` (CLIP image embedding + noise level as the UNet's vector).
 Recognised by: an OpenCLIP text tower under `cond_stage_model.model.` (or SGM's `conditioner.embedders.0.model.`
 without a second tower and without a vector input, which would be the SDXL refiner).
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import LatentFormat, ModelSpec
 from ..inpaint import image_to_tensor, load_image
 from .common import (INPAINT_CONCAT, INPAINT_INPUTS, INPAINT_OPTIONS, SD_LATENT, SD_RGB, batched, inpaint_check,
-                     inpaint_infotext, text_condition, with_inpaint)
+                     inpaint_infotext, text_condition, vae_posterior_sample, with_inpaint)
 from .family import Family, Input
 from .shapes import detect_vae, has, openclip_text
 
@@ -68,11 +71,69 @@ SD2_INPAINT = Family(
     check=inpaint_check, preview=SD_RGB, infotext=inpaint_infotext,
 )
 
+# ------------------------------------------------------------------------------------------- depth-to-image
+# Reference: Stability-AI/stablediffusion `ldm/models/diffusion/ddpm.py` LatentDepth2ImageDiffusion
+# (configs/stable-diffusion/v2-midas-inference.yaml): the depth map (MiDaS DPT-Hybrid, larger = nearer) resized to
+# the latent size (bicubic) and normalised to [-1, 1] per image is the 1 concat channel; img2img from the init image's
+# latent (its posterior sample). The normalisation is diffusers' StableDiffusionDepth2ImgPipeline.prepare_depth_map,
+# `2 (d - min) / (max - min) - 1`, as pinned in issue 10 (the LDM code adds 0.001 to the denominator).
+
+DEPTH_STRENGTH = 0.9   # scripts/gradio/depth2img.py's default strength
+
+
+def depth_map_tensor(image, size: tuple[int, int]) -> Tensor:
+    """A depth map image (mode L, larger = nearer; any size) -> (1, 1, h, w) float32 in [-1, 1] at the latent size
+    `size` = (h, w): /255, F.interpolate bicubic (align_corners False), then 2 (d - min) / (max - min) - 1."""
+    d = np.asarray(load_image(image, "depth_map").convert("L"), dtype=np.float32) / 255.0     # (H, W)
+    t = F.interpolate(torch.from_numpy(d)[None, None], size=size, mode="bicubic", align_corners=False)  # (1, 1, h, w)
+    lo, hi = t.amin(dim=(1, 2, 3), keepdim=True), t.amax(dim=(1, 2, 3), keepdim=True)
+    if float((hi - lo).min()) <= 0:
+        raise ValueError("the depth map has one value everywhere (no near and far); give a depth map with some range")
+    return 2.0 * (t - lo) / (hi - lo) - 1.0
+
+
+def depth_check(inputs: dict) -> None:
+    if inputs.get("depth_map") is None:
+        raise ValueError("sd2-depth needs a depth map: give --depth-map PATH (larger = nearer; the MiDaS estimator "
+                         "stored in the file is not run yet)")
+    depth_map_tensor(inputs["depth_map"], (8, 8))   # readable, not flat
+
+
+def depth_condition(parts, spec: ModelSpec, request, generator) -> tuple[dict, dict]:
+    """Text (OpenCLIP penultimate, "" encoded) + concat = the normalised depth map (B, 1, h, w), identical in both
+    CFG branches. Draws nothing (the init image's posterior sample is drawn by depth_img2img, first)."""
+    cond, uncond = text_condition(parts, spec, request, generator)
+    size = (request.height // spec.latent.factor, request.width // spec.latent.factor)
+    depth = depth_map_tensor(request.inputs["depth_map"], size).to(cond["crossattn"].dtype)   # (1, 1, h, w)
+    extra = batched({"concat": depth}, request.batch_size)
+    return {**cond, **extra}, {**uncond, **extra}
+
+
+def depth_img2img(parts, spec: ModelSpec, request, generator) -> tuple[Tensor, float]:
+    """(z0 (1, 4, h, w), strength): the init image's VAE posterior SAMPLE (LDM get_first_stage_encoding, the family's
+    input-side draw) and the request's strength; the pipeline runs the last int(strength * steps) steps."""
+    x = image_to_tensor(load_image(request.inputs["image"], "image"))      # (1, 3, H, W) in [-1, 1]
+    return vae_posterior_sample(parts.vae, x, spec.latent, generator), float(request.inputs["strength"])
+
+
+def strength_infotext(kw: dict) -> dict[str, str]:
+    return {"Denoising strength": f"{float(kw['strength']):g}"} if kw.get("strength") is not None else {}
+
+
+DEPTH_INPUTS = (
+    Input("image", "image", "Init image", required=True, cli="--init-image",
+          help="RGB image to transform, used at its own size (width and height must equal it)."),
+    Input("depth_map", "image", "Depth map (larger = nearer)", scale=0,
+          help="Grey image of any size, white = near; resized to the latent and normalised to [-1, 1]."),
+    Input("strength", "number", "Denoising strength", default=DEPTH_STRENGTH, min=0, max=1,
+          help="How much of the schedule runs from the init image: 1 = all of it, 0 = the image back."),
+)
+
 SD2_DEPTH = Family(
-    name="sd2-depth", label="SD 2 depth-to-image", tab="variants", matches=plain, build=build, latent=SD_LATENT,
-    concat=(("depth", 1),), preview=SD_RGB,
-    parts=(("depth_model.", "MiDaS depth estimator (depth-to-image conditioning not implemented yet)"),),
-    unsupported="depth conditioning (5-channel UNet) not implemented yet",
+    name="sd2-depth", label="SD 2 depth-to-image", tab="depth", matches=plain, build=build, latent=SD_LATENT,
+    condition=depth_condition, concat=(("depth", 1),), preview=SD_RGB, inputs=DEPTH_INPUTS, check=depth_check,
+    img2img=depth_img2img, infotext=strength_infotext,
+    parts=(("depth_model.", "MiDaS DPT-Hybrid depth estimator (not run yet: give the depth map, --depth-map)"),),
 )
 
 # ------------------------------------------------------------------------------------------- x4 upscaler

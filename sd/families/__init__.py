@@ -90,8 +90,8 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
             hint = ("it looks like a standalone VAE / first stage (VQGAN or LDM autoencoder): round-trip an image "
                     "with `python -m sd reconstruct` or the first-stage view; to generate, give a full checkpoint")
         elif any(k.startswith(("text_model.", "encoder.block.", "shared.")) for k in shapes):
-            hint = ("it looks like a separate text encoder (CLIP-L / CLIP-G / T5-XXL): SD3.5 reads it from a "
-                    "text_encoders/ folder, it is not a checkpoint of its own")
+            hint = ("it looks like a separate text encoder (CLIP-L / CLIP-G / T5-XXL), which MMDiT checkpoints read "
+                    "from a text_encoders/ folder; it is not a checkpoint of its own")
         else:
             hint = "it is not a Stable Diffusion checkpoint"
         raise CheckpointError(f"no Stable Diffusion UNet ({UNET}*) found; {hint}. Found: {describe_contents(shapes)}")

@@ -301,7 +301,11 @@ def _first_line(e: BaseException) -> str:
     return "".join(c if c.isprintable() else "?" for c in line)[:160]
 
 
-def _load_ckpt(path: Path) -> dict[str, Tensor]:
+def load_pickle(path: Path) -> object:
+    """A .ckpt / .pt unpickled weights-only (torch.load(weights_only=True): tensors, dicts, lists, numbers and
+    strings, no code); whatever goes wrong is a one-line CheckpointError naming the file. Textual-inversion .pt
+    files (`string_to_param`) are read with it too."""
+    path = Path(path)
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as f:
@@ -327,6 +331,11 @@ def _load_ckpt(path: Path) -> dict[str, Tensor]:
         # struct.error, AssertionError; also possible: zipfile errors, OSError, MemoryError, OverflowError, ...)
         raise CheckpointError(f"{path.name}: cannot read this .ckpt ({type(e).__name__}: {_first_line(e)}); the file "
                               "is damaged or truncated, get it again") from None
+    return obj
+
+
+def _load_ckpt(path: Path) -> dict[str, Tensor]:
+    obj = load_pickle(path)
     try:
         return _find_state_dict(obj)
     except CheckpointError as e:

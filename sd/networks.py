@@ -11,13 +11,23 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .embeddings import candidates, use_embeddings
 from .lora import apply_loras, format_hashes, load_lora, parse_prompt
 from .models_dir import extra_files, resolve_extra
+from .vae_choice import infotext_fields
 
 
-def needs_networks(p) -> bool:
-    """True when the request has LoRA tags or files (a GenerateParams)."""
-    return "<lora:" in (p.prompt or "") or bool(getattr(p, "loras", ()))
+def needs_networks(p, model=None) -> bool:
+    """True when the request has LoRA tags or files, or folders where its prompt's embeddings may be, or the model
+    decodes with an external VAE (its infotext fields)."""
+    return ("<lora:" in (p.prompt or "") or bool(getattr(p, "loras", ())) or bool(getattr(p, "models_dir", None))
+            or bool(getattr(p, "embeddings_dir", None)) or getattr(model, "vae_file", None) is not None)
+
+
+def embedding_paths(p) -> list[Path]:
+    """The listed embedding files the request's prompt or negative prompt may name."""
+    files = extra_files("embedding", getattr(p, "models_dir", None), getattr(p, "embeddings_dir", None))
+    return candidates(f"{p.prompt or ''}\n{p.negative_prompt or ''}", files) if files else []
 
 
 def lora_listing(p) -> dict[str, Path]:
@@ -41,16 +51,23 @@ def request_loras(p) -> tuple[str, list]:
 
 
 def run_with_networks(run, model, p, callback=None, stop=None):
-    """`run(model, p, callback, stop)` (the plain generate) with the request's LoRAs applied; the result's
-    info gets `infotext` fields (`Lora hashes`) and notes (modules that matched nothing)."""
+    """`run(model, p, callback, stop)` (the plain generate) with the request's LoRAs and embeddings applied; the
+    result's info gets `infotext` fields (`Lora hashes`, `TI hashes`, an external VAE's `VAE hash` and `VAE`) and
+    notes (modules that matched nothing)."""
     prompt, files = request_loras(p)
-    q = replace(p, prompt=prompt, loras=())
-    with apply_loras(model.parts, files, label=model.family.label) as applied:
-        result = run(model, q, callback=callback, stop=stop)
+    paths = embedding_paths(p)
+    q = replace(p, prompt=prompt, loras=(), models_dir=None, loras_dir=None, embeddings_dir=None)
+    label = model.family.label
+    plain = replace(model, vae_file=None)   # the same parts: the run below does not come back here
+    with apply_loras(model.parts, files, label=label) as applied, \
+            use_embeddings(model.parts.text_encoders, paths, label=label) as used:
+        result = run(plain, q, callback=callback, stop=stop)
     info = dict(result.info)
-    fields = dict(info.get("infotext", {}))
+    fields = {**info.get("infotext", {}), **infotext_fields(getattr(model, "vae_file", None))}
     if applied.files:
         fields["Lora hashes"] = format_hashes(applied.files)
+    if used:
+        fields["TI hashes"] = format_hashes(list(used.items()))
     if fields:
         info["infotext"] = fields
     notes = [*info.get("notes", []), *applied.notes()]

@@ -57,6 +57,7 @@ class LoadedModel:
     dtype: torch.dtype
     _hash: str | None = None
     sigmas_source: str = ""  # the file's betas / denoiser.sigmas, or the family's own schedule
+    vae_file: Path | None = None  # an external VAE replacing the checkpoint's (sd.vae_choice); None: its own
 
     @property
     def family(self) -> Family:
@@ -83,7 +84,7 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
-               prediction: str | None = None, sources=None) -> LoadedModel:
+               prediction: str | None = None, sources=None, vae: str | os.PathLike | None = None) -> LoadedModel:
     """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason. `sources`
     (sd.text_encoders.TextSources): where separate text-encoder files are (SD3.5), T5 on/off; the notes of what was
     used go to spec.notes (shown with every result)."""
@@ -91,6 +92,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     spec = detect(ckpt.shapes(), prediction=prediction)
     device, dtype = torch.device(device), parse_dtype(dtype)
     parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources)
+    if vae is not None:   # an external VAE file (sd.vae_choice.resolve_vae): strict, and it must fit the latent
+        from .vae_choice import load_vae_for
+
+        vae_module, spec = load_vae_for(vae, spec, get_family(spec.family).label, device, dtype)
+        parts = replace(parts, vae=vae_module)
     if parts.notes:
         spec = replace(spec, notes=(*spec.notes, *parts.notes))
     if spec.prediction_source == "probe":
@@ -98,7 +104,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         spec = replace(spec, prediction="v" if is_v else "eps",
                        prediction_source=f"A1111 probe on the UNet ({'v' if is_v else 'eps'}-like output at t=999)")
     sigmas, source = training_sigmas(ckpt, get_family(spec.family))
-    return LoadedModel(Path(path), spec, parts, sigmas, device, dtype, sigmas_source=source)
+    return LoadedModel(Path(path), spec, parts, sigmas, device, dtype, sigmas_source=source,
+                       vae_file=Path(vae) if vae is not None else None)
 
 
 @dataclass
@@ -134,6 +141,8 @@ class GenerateParams:
     models_dir: str | None = None                       # models folder: its loras/, Lora/, models/Lora, models/loras
     loras_dir: str | None = None                        # a LoRA folder given on its own (--loras-dir)
     loras: tuple = ()                                   # explicit LoRA files: path or (path, te weight, unet weight)
+    embeddings_dir: str | None = None                   # textual inversion: a folder of embeddings (--embeddings-dir);
+                                                        # the models folder's embeddings/ folders are searched too
 
 
 @dataclass
@@ -408,7 +417,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     """Text (and optionally image) to images with one loaded checkpoint, any family."""
     from .networks import needs_networks, run_with_networks
 
-    if needs_networks(p):   # LoRA tags / files: applied to this request only (sd.networks), then back here
+    if needs_networks(p, model):   # LoRAs, embeddings, an external VAE's infotext (sd.networks), then back here
         return run_with_networks(generate, model, p, callback=callback, stop=stop)
     check_params(model.spec, p)
     g = seed_generator(p.seed)
@@ -457,10 +466,12 @@ class ModelCache:
         return st.st_size, st.st_mtime_ns
 
     def get(self, path: str | os.PathLike, device="cpu", dtype: str | torch.dtype = torch.float32,
-            prediction: str | None = None, sources=None) -> LoadedModel:
+            prediction: str | None = None, sources=None, vae: str | os.PathLike | None = None) -> LoadedModel:
         path = Path(path)
         resolved = str(path.resolve())
         same = (str(torch.device(device)), parse_dtype(dtype), prediction, sources)  # sources: TextSources (SD3)
+        if vae is not None:   # an external VAE (sd.vae_choice): its own entry, keyed by the VAE file and its stat
+            same = (*same, str(Path(vae).resolve()), *self._stat(Path(vae)))
         stat = self._stat(path)
         key = (resolved, *stat, *same)
         with self._lock:
@@ -472,7 +483,7 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = load_model(path, device=device, dtype=dtype, prediction=prediction, sources=sources)
+            model = load_model(path, device=device, dtype=dtype, prediction=prediction, sources=sources, vae=vae)
             changed = self._stat(path) != stat  # replaced while loading: use it once, do not cache it
             with self._lock:
                 for k in [k for k in self._models if k[0] == resolved and k[3:] == same]:

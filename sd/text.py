@@ -296,13 +296,17 @@ def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[
     encoded; in each chunk every token's hidden state is multiplied by its weight and the chunk is then
     rescaled so its mean equals the unweighted mean. Chunks are concatenated along the sequence; pooled
     comes from chunk 0. clip_skip k > 1 takes hidden_states[-k] (then the final LN iff cfg.final_ln) for
-    encoders whose cfg.layer is "last"; encoders fixed to "penultimate" ignore it.
+    encoders whose cfg.layer is "last"; encoders fixed to "penultimate" ignore it. Textual-inversion
+    embeddings this thread's request activated (sd.embeddings.use_embeddings) take their token positions.
     """
     cfg = encoder.cfg
-    tokens, weights = tokenize_weighted(text, cfg.pad_token)        # (N, 77), (N, 77)
+    from sd.embeddings import active_for, inserted, tokenize_with_embeddings   # textual inversion (this request's)
+
+    tokens, weights, fixes = tokenize_with_embeddings(text, cfg.pad_token, active_for(encoder))  # (N, 77), (N, 77)
     device = next(encoder.parameters()).device
     layer_index = -clip_skip if (clip_skip > 1 and cfg.layer == "last") else None
-    hidden, pooled = encoder(tokens.to(device), layer_index=layer_index)  # (N, 77, W), (N, P)
+    with inserted(encoder, fixes):   # embedding vectors at their token positions (no fixes: the plain forward)
+        hidden, pooled = encoder(tokens.to(device), layer_index=layer_index)  # (N, 77, W), (N, P)
     z = hidden.float()
     w = weights.to(device)[:, :, None]                                # (N, 77, 1)
     mean_before = z.mean(dim=(1, 2), keepdim=True)                    # (N, 1, 1)

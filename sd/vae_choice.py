@@ -1,0 +1,89 @@
+"""Choosing the VAE a checkpoint decodes (and encodes) with, as AUTOMATIC1111's "SD VAE" setting does.
+
+Choices: "Automatic" (a `NAME.vae.safetensors` / `.vae.pt` / `.vae.ckpt` beside the checkpoint `NAME.*`, else the
+checkpoint's own), "None" (the checkpoint's own), or a file of the VAE folders (`sd.models_dir.extra_files("VAE",
+...)`: models/VAE, models/vae, vae/, or --vae-dir), named by its listed name. A VAE file is a standalone LDM
+AutoencoderKL (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`; A1111's and Stability's releases) or any
+checkpoint's `first_stage_model.*`, loaded strictly by `sd.first_stage.load_first_stage`. It must fit the family's
+latent (channels and downsampling factor, `Family.latent`): an SDXL VAE fits SD 1.x by shape but not by training,
+which shapes cannot tell, so only the shape is checked and the choice is the user's.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .models_dir import extra_files, resolve_extra
+
+AUTOMATIC, NONE = "Automatic", "None"
+_BESIDE = (".vae.safetensors", ".vae.pt", ".vae.ckpt")   # A1111 find_vae_near_checkpoint, safetensors first
+
+
+def vae_files(models_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None
+              ) -> dict[str, Path]:
+    """{listed name: file} of the VAE folders."""
+    return extra_files("VAE", models_dir, vae_dir)
+
+
+def vae_choices(models_dir: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None) -> list[str]:
+    """What a dropdown offers: "Automatic", "None", then every listed VAE name."""
+    return [AUTOMATIC, NONE, *vae_files(models_dir, vae_dir)]
+
+
+def beside(checkpoint: str | os.PathLike) -> Path | None:
+    """`NAME.vae.safetensors` (or .vae.pt / .vae.ckpt) next to the checkpoint `NAME.ext`, if there is one."""
+    ckpt = Path(checkpoint)
+    for suffix in _BESIDE:
+        p = ckpt.with_name(ckpt.stem + suffix)
+        if p.is_file():
+            return p
+    return None
+
+
+def resolve_vae(choice: str | None, checkpoint: str | os.PathLike, models_dir: str | os.PathLike | None = None,
+                vae_dir: str | os.PathLike | None = None) -> Path | None:
+    """The VAE file a choice means for `checkpoint`, or None for the checkpoint's own. A name outside the VAE
+    listing gets the one refusal of `resolve_extra` (NotInModelsFolder)."""
+    if choice in (None, "", NONE):
+        return None
+    if choice == AUTOMATIC:
+        return beside(checkpoint)
+    return resolve_extra(choice, vae_files(models_dir, vae_dir), "VAE")
+
+
+def vae_hash(path: str | os.PathLike) -> str:
+    """A1111's `VAE hash`: the first 10 hex digits of the sha256 of the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def load_vae_for(path: str | os.PathLike, spec, label: str, device, dtype):
+    """(VAE module, spec with its VAE config) of a VAE file for a model of `spec` (family `label`). Raises
+    CheckpointError (one line, naming the file) when it is not a first stage or does not fit the family's latent."""
+    from .first_stage import load_first_stage
+
+    path = Path(path)
+    fs = load_first_stage(path, device=device, dtype=dtype)
+    lat = spec.latent
+    if fs.is_vq or fs.cfg.embed_dim != lat.channels or fs.factor != lat.factor:
+        what = "a VQ first stage" if fs.is_vq else f"a VAE with {fs.cfg.embed_dim} latent channels at f{fs.factor}"
+        raise CheckpointError(f"{path.name}: {what}, {label} needs {lat.channels} channels at f{lat.factor}: choose "
+                              f"a VAE made for {label}, or None for the checkpoint's own")
+    return fs.model, replace(spec, vae=fs.cfg)
+
+
+def infotext_fields(path: Path | None) -> dict[str, str]:
+    """A1111's `VAE hash` and `VAE` (the file name) of an external VAE; {} for the checkpoint's own."""
+    if path is None:
+        return {}
+    return {"VAE hash": vae_hash(path), "VAE": Path(path).name}
+
+
+__all__ = ["AUTOMATIC", "NONE", "vae_files", "vae_choices", "beside", "resolve_vae", "vae_hash", "load_vae_for",
+           "infotext_fields", "CheckpointError"]

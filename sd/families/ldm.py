@@ -152,8 +152,8 @@ def class_index(value) -> int:
         raise ValueError(f"class label {text[:60]!r} is neither an ImageNet class index (0..999) nor a class name; "
                          "give e.g. 207 or 'golden retriever'") from None
     if not 0 <= idx <= 999:
-        raise ValueError(f"class label must be an ImageNet class index 0..999, got {idx}; "
-                         f"({NULL_CLASS} is the unconditional class, used by classifier-free guidance itself)")
+        raise ValueError(f"class label must be an ImageNet class index 0..999, got {idx} ({NULL_CLASS} is the null "
+                         "class that classifier-free guidance uses itself): give a class from 0 to 999")
     return idx
 
 

@@ -410,20 +410,22 @@ def match(lf: LoraFile, parts, targets: dict[str, Target] | None = None, label: 
     Raises ValueError (one line) when the file was made for another family: its cross-attention keys are of another
     text width, it has a second text tower's keys and the model has one, or a matched module's shape differs."""
     targets = model_targets(parts) if targets is None else targets
-    nrb = parts.unet.cfg.num_res_blocks
+    ucfg = getattr(parts.unet, "cfg", None)     # an MMDiT (SD3) has no LDM blocks: its names match nothing here
+    nrb = getattr(ucfg, "num_res_blocks", 2)
     pairs, unmatched = [], []
     for module, patch in lf.patches.items():
         name = module
         if module.startswith("lora_unet_"):
-            name = "lora_unet_" + diffusers_to_ldm(module[len("lora_unet_"):], nrb, parts.unet.output_blocks)
+            name = "lora_unet_" + diffusers_to_ldm(module[len("lora_unet_"):], nrb,
+                                                   getattr(parts.unet, "output_blocks", None))
         t = targets.get(name)
         if t is None:
             unmatched.append(module)
         else:
             pairs.append((t, patch))
-    ctx = parts.unet.cfg.context_dim
+    ctx = getattr(ucfg, "context_dim", None)
     for t, patch in pairs:
-        if t.name.endswith(("attn2.to_k", "attn2.to_v")) and patch.kind == "lora" and patch.tensors["lora_down"].shape[1] != ctx:
+        if ctx and t.name.endswith(("attn2.to_k", "attn2.to_v")) and patch.kind == "lora" and patch.tensors["lora_down"].shape[1] != ctx:
             w = patch.tensors["lora_down"].shape[1]
             raise ValueError(f"{lf.path.name}: a LoRA for {_CONTEXT_HINT.get(w, 'another model')} ({w}-wide text "
                              f"conditioning), {label} has {ctx}: choose a LoRA made for {label}")

@@ -172,6 +172,9 @@ def default_choice(ctx: AppContext, tab: str, entries: list[Entry]) -> str | Non
     return real[0] if real else (choices[0][1] if choices else None)
 
 
+NETWORK_NAMES = {"unet": "UNet", "mmdit": "MMDiT"}
+
+
 def describe(spec, path: Path | None, is_demo: bool = False) -> str:
     """Markdown: the detected facts of a checkpoint (family, prediction type and why, latent format, ...)."""
     if spec is None:
@@ -182,11 +185,14 @@ def describe(spec, path: Path | None, is_demo: bool = False) -> str:
            else spec.prediction_source)
     lines = [f"**family** `{spec.family}`" + (" (built-in demo)" if is_demo else ""),
              f"**prediction** `{pred}`: {why}",
-             f"**latent** {lat.channels} ch, /{lat.factor}, scale {lat.scale:g}; UNet in {spec.unet.in_channels} ch, "
+             f"**latent** {lat.channels} ch, /{lat.factor}, scale {lat.scale:g}"
+             + (f", shift {lat.shift:g}" if lat.shift else "")
+             + f"; {NETWORK_NAMES.get(spec.network, spec.network)} in {spec.unet.in_channels} ch, "
              f"context {spec.unet.context_dim}" + (f", vector {spec.unet.adm_in_channels}"
                                                   if spec.unet.adm_in_channels else "")]
     if path is not None and path.exists():
         lines.append(f"**file** `{path.name}` ({path.stat().st_size / 2**30:.2f} GiB)")
+    lines += [f"*{n}*" for n in spec.notes]
     lines += [f"*not run yet:* {u}" for u in spec.unsupported]
     return "  \n".join(lines)
 
@@ -807,9 +813,6 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
                           api_visibility="private", queue=False)
 
 
-FUTURE_TABS = (("sd3", "SD3 / 3.5", ("sd3",)), ("ldm", "VQ-GAN / LDM", ("ldm",)))  # tab id, label, presets
-
-
 def tab_views(ctx: AppContext, tab: str) -> None:
     """Views a tab shows besides its generate form: the VQ-GAN / LDM tab starts with the first-stage round trip."""
     if tab == "ldm":
@@ -820,14 +823,8 @@ def tab_views(ctx: AppContext, tab: str) -> None:
 
 
 def build_future_tabs(ctx: AppContext, entries: list[Entry]) -> gr.Markdown:
-    """Tabs for the families still to come (until a family of theirs runs and gets its own tab): what they are and
-    which files of theirs were found; one more for the detected families that do not run yet."""
+    """The tab of the detected families that do not run yet: what they are and which files of theirs were found."""
     groups = by_tab(entries)
-    for tab, label, presets in FUTURE_TABS:
-        if tab not in family_tabs():
-            with gr.Tab(label, id=tab):
-                tab_views(ctx, tab)
-                gr.Markdown(_future_text(ctx, list(presets), groups.get(tab, [])))
     with gr.Tab("Detected, not run yet", id="variants"):
         md = gr.Markdown(_future_text(ctx, waiting_presets(), groups.get("variants", [])))
     return md

@@ -21,14 +21,12 @@ from pathlib import Path
 from .checkpoint import CheckpointError, open_checkpoint
 from .config import ModelSpec
 from .detect import detect
-from .families import FAMILIES, tab_of
+from .families import tab_of
 
 SUFFIXES = (".safetensors", ".ckpt")
 # Sub-folders of known UIs that hold full checkpoints (A1111, ComfyUI; also when given the folder above models/).
 KNOWN_SUBFOLDERS = ("Stable-diffusion", "checkpoints", "models/Stable-diffusion", "models/checkpoints")
 
-# family -> app tab, from the family table (`Family.tab`); SD3 files (no family module yet) go to "sd3".
-TAB_OF_FAMILY = {**{f.name: f.tab for f in FAMILIES}, "sd3": "sd3"}
 
 
 def resolve_models_dir(arg: str | os.PathLike | None = None, env: dict | None = None) -> Path:
@@ -45,7 +43,7 @@ class Entry:
     name: str                    # path relative to the models folder, with forward slashes (the dropdown value)
     family: str | None           # detected family; None when not detected yet (.ckpt) or not recognised
     spec: ModelSpec | None
-    error: str | None = None     # why the file is not usable (not a checkpoint, damaged, SD3 not implemented, ...)
+    error: str | None = None     # why the file is not usable (not a checkpoint, damaged, ...)
 
     @property
     def detected(self) -> bool:
@@ -53,7 +51,7 @@ class Entry:
 
     @property
     def tab(self) -> str | None:
-        """The family's `tab` ("sd1" / "sd2" / "sdxl" / "inpaint" / "variants"; "sd3" for SD3 files); "unsorted" for
+        """The family's `tab` ("sd1" / "sd2" / "sdxl" / "inpaint" / "sd3" / ... / "variants"); "unsorted" for
         an undetected .ckpt; None if unusable."""
         if not self.detected:
             return "unsorted"
@@ -78,10 +76,7 @@ def detect_file(path: Path) -> tuple[str | None, ModelSpec | None, str | None]:
     try:
         spec = detect(open_checkpoint(path).shapes())
     except CheckpointError as e:
-        msg = str(e)
-        if "SD3" in msg:
-            return "sd3", None, msg
-        return None, None, msg
+        return None, None, str(e)
     except Exception as e:  # a malformed header must not take the listing down
         return None, None, f"{path.name}: {type(e).__name__}: {e}"
     return spec.family, spec, None

@@ -41,9 +41,7 @@ def get_family(name: str) -> Family:
 
 
 def tab_of(name: str | None) -> str | None:
-    """The app tab of a family name ("sd3" for SD3 files, which have no family module yet); None if unknown."""
-    if name == "sd3":
-        return "sd3"
+    """The app tab of a family name; None if unknown."""
     try:
         return get_family(name).tab if name else None
     except KeyError:

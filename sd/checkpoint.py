@@ -52,6 +52,8 @@ IGNORE_RULES: tuple[tuple[str, str], ...] = (
     (r"(low_scale_model|noise_augmentor)\.(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|"
      r"sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|"
      r"sqrt_recipm1_alphas_cumprod)", "noise-augmentation schedule buffer (the family reads the betas)"),
+    (r"embedder\.model\.(token_embedding\.weight|positional_embedding|ln_final\.(weight|bias)|text_projection|"
+     r"transformer\..*)", "unCLIP image embedder's text side (only its vision tower runs)"),
     (r"model_ema\..*", "EMA copy (the model.* weights are used)"),
     (r".*\.position_ids", "text position ids (recomputed)"),
     (r".*logit_scale", "CLIP logit scale (unused for text conditioning)"),

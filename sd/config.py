@@ -117,5 +117,7 @@ class ModelSpec:
     vae_prefix: str = "first_stage_model."
     unsupported: tuple[str, ...] = ()          # parts present in the file that this engine does not run yet
     notes: tuple[str, ...] = field(default=())
+    extra: tuple[tuple[str, object], ...] = ()   # numbers of the family's own parts read from shapes, by name
+                                               # (Family.extra_config; unCLIP: the image tower's VisionConfig)
     network: str = "unet"                      # "unet": `unet` is a UNetConfig; "mmdit" (SD3 / 3.5): `unet` is the
                                                # sd.mmdit.MMDiTConfig (also in/out_channels, context_dim, adm width)

@@ -84,7 +84,7 @@ def test_table_declarations() -> None:
             assert i.kind in sd.families.INPUT_KINDS and i.label and i.flag.startswith("--")
             assert not i.choices or i.default in i.choices
     # the running families are these, and only SDXL drops an empty negative to zeros
-    assert [f.name for f in FAMILIES if f.runs and f not in ldm.FAMILIES] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-depth", "sd2-x4-upscaler", "sdxl-base",
+    assert [f.name for f in FAMILIES if f.runs and f not in ldm.FAMILIES] == ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-depth", "sd2-x4-upscaler", "sd2-unclip-h", "sd2-unclip-l", "sdxl-base",
                                                      "sdxl-inpaint", "sdxl-refiner", "sd3", "sd3.5-large",
                                                      "sd3.5-medium"]
     assert [f.name for f in FAMILIES if f.empty_negative == "zeros"] == ["sdxl-base", "sdxl-inpaint", "sdxl-refiner"]

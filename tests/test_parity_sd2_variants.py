@@ -12,6 +12,11 @@ initial noise and sigmas; the final latents must agree within 1e-4 of their larg
   `depth_map` tensor; both resize it bicubically to the latent and normalise it to [-1, 1]) and the same generator:
   its draws (the init image's posterior sample, then the noise) are in our order, so the latents match from the
   seed alone; the truncated schedule is diffusers' get_timesteps on our sigmas.
+- unCLIP (H, and L in a layout derived from H's list, tests/tiny.py): diffusers' `StableUnCLIPImg2ImgPipeline` given our image embedding as `image_embeds` (its own image
+  encoder is transformers' CLIP vision model with a CLIPImageProcessor, not the reference's open_clip tower with
+  kornia's resize, so both sides get the same embedding; the tower is open_clip's own VisionTransformer), the same
+  generator (its first draw is the embedding noise, as ours) and the same starting noise: the squaredcos_cap_v2
+  augmentation, the level embedding, zeros in the unconditional branch and the adm UNet input are compared.
 """
 from __future__ import annotations
 
@@ -149,3 +154,54 @@ def test_depth2img_matches_diffusers(tiny_files, monkeypatch) -> None:
                                              inputs={"image": image, "depth_map": depth.transpose(Image.FLIP_TOP_BOTTOM),
                                                      "strength": strength})).latents
     assert rel_err(flipped, ref) > 1e-3
+
+
+@pytest.mark.parametrize("name,family", [("sd21_unclip_h", "sd2-unclip-h"), ("sd21_unclip_l", "sd2-unclip-l")])
+@torch.no_grad()
+def test_unclip_matches_diffusers(tiny_files, monkeypatch, name: str, family: str) -> None:
+    from diffusers import StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    from sd.clip_vision import image_embedding
+    from sd.families.sd2 import unclip_pixels
+
+    path = tiny_files(name)
+    model = load_model(path)
+    spec = model.spec
+    assert spec.family == family and spec.prediction == "v" and spec.unsupported == ()
+    assert dict(spec.extra)["vision"].quick_gelu == (family == "sd2-unclip-l")   # OpenAI's ViT-L/14: QuickGELU
+    unet, vae, texts = variant_parts(monkeypatch, path, spec)
+    prompt, negative = "a painting", "blurry"
+    ctx, nctx = diffusers_text(texts, spec, prompt)[0], diffusers_text(texts, spec, negative)[0]
+    w, h, steps, cfg, seed, level = 64, 48, 6, 7.0, 17, 250
+    image = picture(100, 70, seed=3)                                  # shrunk to 64x64 by the family
+    e = image_embedding(model.parts.extras["image_encoder"], unclip_pixels(image))    # (1, D)
+    assert e.shape == (1, spec.unet.adm_in_channels // 2) and e.abs().max() > 1e-3
+    g = torch.Generator("cpu").manual_seed(seed)
+    torch.randn(e.shape, generator=g, dtype=torch.float32)            # (1) the embedding noise
+    noise = torch.randn((1, 4, h // 8, w // 8), generator=g, dtype=torch.float32)   # (2) the starting noise
+    sigmas = get_sigmas("normal", model.sigmas, steps)
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=None, image_encoder=StableUnCLIPImageNormalizer(1),   # unused: image_embeds are given
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=e.shape[1]),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=None,
+        text_encoder=texts[0], unet=unet, scheduler=euler("v", (0.00085, 0.012), sigmas), vae=vae)
+    ref = pipe(image_embeds=e, noise_level=level, height=h, width=w, num_inference_steps=steps, guidance_scale=cfg,
+               prompt_embeds=ctx, negative_prompt_embeds=nctx,
+               # this pipeline uses given latents as they are (prepare_latents, which scales by init_noise_sigma,
+               # runs only without them): give it our start, noise * sqrt(1 + sigma_0^2)
+               latents=noise * (1 + sigmas[0] ** 2).sqrt(),
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    ours = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                          cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                          inputs={"image": image, "noise_level": level}))
+    assert ours.latents.shape == ref.shape == (1, 4, 6, 8)
+    assert ref.abs().max() > 0.1
+    err = rel_err(ours.latents, ref)
+    print(f"{family}: final latent max rel err {err:.2e}")
+    assert err < 1e-4
+    # the image matters: another picture ends elsewhere
+    other = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                           cfg=cfg, seed=seed, sampler="euler", schedule="normal",
+                                           inputs={"image": picture(100, 70, seed=9), "noise_level": level})).latents
+    assert rel_err(other, ref) > 2e-4     # far above the parity error (measured 5e-4 for L, 1e-2 for H)

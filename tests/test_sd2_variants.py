@@ -165,6 +165,7 @@ def world(tiny_files, tmp_path_factory):
     models.mkdir()
     os.symlink(tiny_files("sd2_x4_upscaler"), models / "x4.safetensors")
     os.symlink(tiny_files("sd2_depth"), models / "depth.safetensors")
+    os.symlink(tiny_files("sd21_unclip_h"), models / "unclip-h.safetensors")
     picture(16, 16).save(root / "low.png")
     picture(64, 64).save(root / "photo.png")
     depth_picture(40, 30).save(root / "depth.png")
@@ -329,3 +330,151 @@ def test_depth_endpoint(world, depth) -> None:
     assert to_settings(parse_parameters(infotext)).get("strength") == 0.5, (
         "app.py must pass the family inputs to the infotext: in run_request's build_parameters(...) call add "
         "`inputs=inputs,` (Family.infotext then writes 'Denoising strength' for depth-to-image)")
+
+
+# ------------------------------------------------------------------------------------------- unCLIP
+
+
+@pytest.fixture(scope="module")
+def unclip(tiny_files):
+    return load_model(tiny_files("sd21_unclip_h"))
+
+
+def unclip_params(**kw) -> GenerateParams:
+    base = dict(prompt="a painting", negative_prompt="", width=64, height=48, steps=3, cfg=5.0, seed=3,
+                sampler="euler", schedule="normal", inputs={"image": picture(100, 70), "noise_level": 100})
+    return GenerateParams(**{**base, **kw})
+
+
+def test_unclip_layout_and_parts(tiny_files, unclip) -> None:
+    ckpt = open_checkpoint(tiny_files("sd21_unclip_h"))
+    rep = account_keys(ckpt.shapes(), unclip.spec)
+    assert rep.unsupported == [] and rep.unexpected == [] and rep.missing == []
+    assert len(rep.loaded["image_encoder"]) == sum(1 for k in ckpt.shapes() if k.startswith("embedder.model.visual."))
+    assert sum(1 for k in rep.ignored if k.startswith("noise_augmentor.")) == 8
+    cfg = dict(unclip.spec.extra)["vision"]
+    assert (cfg.layers, cfg.patch_size, cfg.image_size, cfg.output_dim) == (32, 14, 224, 64)   # released depth, tiny width
+    assert unclip.parts.extras["embed_abar_source"] == "the file's noise_augmentor.betas"
+    from sd.families.sd2 import squaredcos_abar
+
+    abar = unclip.parts.extras["embed_abar"]
+    # squaredcos_cap_v2 restated: abar_t = f(t) / f(0) with f(t) = cos((t/T + 0.008) / 1.008 * pi / 2)^2
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2   # noqa: E731
+    assert abs(abar[499].item() - f(500) / f(0)) < 1e-6 and abs(squaredcos_abar()[499].item() - f(500) / f(0)) < 1e-9
+    # the real file's numbers: ViT-H/14 from the released shapes
+    from sd.clip_vision import vision_config
+    from .tiny import reference_shapes
+
+    real = vision_config(reference_shapes("sd21_unclip_h"), "embedder.model.visual.", 80, False)
+    assert (real.width, real.layers, real.heads, real.mlp, real.output_dim) == (1280, 32, 16, 5120, 1024)
+    # unCLIP-L (a layout derived from H's list): told apart by its 768-wide embedding; OpenAI's ViT-L/14 tower
+    from sd.families import detect
+
+    spec_l = detect(reference_shapes("sd21_unclip_l"))
+    vl = dict(spec_l.extra)["vision"]
+    assert spec_l.family == "sd2-unclip-l" and spec_l.unet.adm_in_channels == 1536
+    assert (vl.width, vl.layers, vl.heads, vl.output_dim, vl.quick_gelu) == (1024, 24, 16, 768, True)
+
+
+def test_clip_preprocess_restated() -> None:
+    """Our kornia-style antialiased resize against a restatement with separable 1D blurs (kornia's
+    gaussian_blur2d is separable: filter2d with the outer product of two normalised 1D kernels, reflect border)."""
+    import torch.nn.functional as F
+
+    from sd.clip_vision import CLIP_MEAN, CLIP_STD, antialiased_resize, clip_preprocess
+
+    x = torch.rand(1, 3, 130, 300, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fy, fx = 130 / 224, 300 / 224                      # only the width shrinks: sigma_x = (300/224 - 1) / 2
+    sx = (fx - 1) / 2
+    k = int(max(4 * sx, 3)); k += 1 - k % 2            # 3
+    t = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-t ** 2 / (2 * sx ** 2)); g = g / g.sum()
+    sy = 0.001                                         # max((fy - 1) / 2, 0.001): a delta in y
+    ky = torch.zeros(3); ky[1] = 1.0
+    blurred = F.conv2d(F.pad(x, (k // 2, k // 2, 1, 1), mode="reflect").reshape(3, 1, 132, 300 + 2 * (k // 2)),
+                       (ky[:, None] * g[None, :])[None, None]).reshape(1, 3, 130, 300)
+    ref = F.interpolate(blurred, size=(224, 224), mode="bicubic", align_corners=True)
+    assert fy < 1 and sy == 0.001
+    assert (antialiased_resize(x, (224, 224)) - ref).abs().max().item() < 1e-5
+    pre = clip_preprocess(x)
+    assert pre.shape == (1, 3, 224, 224)
+    assert abs(pre[0, 0, 0, 0].item() - ((ref[0, 0, 0, 0].item() + 1) / 2 - CLIP_MEAN[0]) / CLIP_STD[0]) < 1e-4
+    # an upscale is plain bicubic (no blur)
+    small = x[..., :100, :100]
+    assert torch.allclose(antialiased_resize(small, (224, 224)),
+                          F.interpolate(small, size=(224, 224), mode="bicubic", align_corners=True))
+
+
+def test_unclip_image_is_shrunk_to_multiples_of_64() -> None:
+    from PIL import Image
+
+    from sd.families.sd2 import unclip_pixels
+
+    img = picture(100, 70)
+    x = unclip_pixels(img)
+    assert x.shape == (1, 3, 64, 64)
+    ref = image_to_tensor(img.resize((64, 64), resample=Image.LANCZOS))
+    assert torch.equal(x, ref)
+    assert unclip_pixels(picture(128, 64)).shape == (1, 3, 64, 128)
+
+
+@torch.no_grad()
+def test_unclip_any_output_size_and_noise_level(unclip) -> None:
+    a = generate(unclip, unclip_params())
+    b = generate(unclip, unclip_params(width=96, height=64))
+    assert a.images[0].size == (64, 48) and b.images[0].size == (96, 64)
+    c = generate(unclip, unclip_params(inputs={"image": picture(100, 70), "noise_level": 900}))
+    assert ((c.latents - a.latents).abs().max() / a.latents.abs().max()).item() > 1e-3
+
+
+@pytest.mark.parametrize("inputs,match", [
+    (dict(image=picture(60, 100)), "the image is 60x100; unCLIP needs at least 64x64 pixels"),
+    (dict(noise_level=1000), "noise_level must be between 0 and 999"),
+    (dict(noise_level=3.5), "noise_level must be a whole number"),
+    (dict(image=__file__), "is not an image"),
+])
+def test_unclip_bad_input_one_line_errors(unclip, inputs, match) -> None:
+    with pytest.raises(ValueError, match=match) as e:
+        generate(unclip, unclip_params(inputs={**unclip_params().inputs, **inputs}))
+    assert "\n" not in str(e.value)
+
+
+def test_unclip_cli(tiny_files, tmp_path, capsys) -> None:
+    path = str(tiny_files("sd21_unclip_h"))
+    picture(100, 70).save(tmp_path / "in.png")
+    out = tmp_path / "v.png"
+    code = main(["generate", "--checkpoint", path, "--prompt", "", "--init-image", str(tmp_path / "in.png"),
+                 "--noise-level", "50", "--width", "64", "--height", "64", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    capsys.readouterr()
+    picture(40, 40).save(tmp_path / "tiny.png")
+    code = main(["generate", "--checkpoint", path, "--prompt", "", "--init-image", str(tmp_path / "tiny.png"),
+                 "--width", "64", "--height", "64", "--steps", "2", "--out", str(tmp_path / "bad.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "bad.png").exists() and "at least 64x64" in err and err.count("\n") == 0
+    code = main(["inspect", path])
+    assert code == 0 and json.loads(capsys.readouterr().out)["unsupported"] == []
+
+
+def test_unclip_endpoint(world, unclip) -> None:
+    from gradio_client import handle_file
+    from PIL import Image
+
+    names = app.tab_inputs("unclip")
+    assert names[-2:] == ("image", "noise_level") and "init_image" not in names
+    picture(100, 70).save(world["root"] / "vary.png")
+    images, _, status, infotext, seed, _ = world["client"].predict(
+        checkpoint="unclip-h.safetensors", prompt="", steps=2, seed=5, width=64, height=64, sampler="Euler",
+        schedule="Normal", cfg=5, image=handle_file(str(world["root"] / "vary.png")), noise_level=100,
+        api_name="/generate_unclip")
+    out = Image.open(images[0]["image"])
+    assert out.size == (64, 64) and status.startswith("done: 1 image(s), 2 steps")
+    ref = generate(unclip, unclip_params(prompt="", steps=2, seed=5, width=64, height=64,
+                                         inputs={"image": Image.open(world["root"] / "vary.png"), "noise_level": 100}))
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(ref.images[0]))
+    assert to_settings(parse_parameters(infotext)).get("noise_level") == 100, (
+        "app.py must pass the family inputs to the infotext: in run_request's build_parameters(...) call add "
+        "`inputs=inputs,` (Family.infotext then writes 'Noise level')")

@@ -37,7 +37,37 @@ DERIVED = {
 }
 
 
+def _unclip_l(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """sd21-unclip-l from the unclip-h list (no released list: its ClipImageEmbedder needs OpenAI's `clip`): the
+    embedder is OpenAI's ViT-L/14 (24 blocks of 1024, projection to 768; the same key names as open_clip's), the
+    whole CLIP model is kept (its text side, here one block of it, is ignored by rule), the UNet vector is 2 x 768."""
+    v, w = "embedder.model.visual.", 1024
+    out = {k: s for k, s in shapes.items() if not k.startswith("embedder.")}
+    out.update({v + "conv1.weight": (w, 3, 14, 14), v + "class_embedding": (w,), v + "positional_embedding": (257, w),
+                v + "ln_pre.weight": (w,), v + "ln_pre.bias": (w,), v + "ln_post.weight": (w,), v + "ln_post.bias": (w,),
+                v + "proj": (w, 768), "embedder.model.token_embedding.weight": (49408, 768),
+                "embedder.model.positional_embedding": (77, 768), "embedder.model.ln_final.weight": (768,),
+                "embedder.model.ln_final.bias": (768,), "embedder.model.text_projection": (768, 768),
+                "embedder.model.logit_scale": (), "embedder.model.transformer.resblocks.0.attn.in_proj_weight": (2304, 768),
+                "embedder.model.transformer.resblocks.0.ln_1.weight": (768,)})
+    for i in range(24):
+        b = f"{v}transformer.resblocks.{i}."
+        out.update({b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
+                    b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,), b + "ln_1.weight": (w,),
+                    b + "ln_1.bias": (w,), b + "mlp.c_fc.weight": (4 * w, w), b + "mlp.c_fc.bias": (4 * w,),
+                    b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,), b + "ln_2.weight": (w,),
+                    b + "ln_2.bias": (w,)})
+    out["model.diffusion_model.label_emb.0.0.weight"] = (1280, 1536)
+    return out
+
+
+DERIVED_BY = {"sd21_unclip_l": ("sd21_unclip_h", _unclip_l)}   # layouts derived by a function of a released list
+
+
 def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    if name in DERIVED_BY:
+        base, fn = DERIVED_BY[name]
+        return fn(reference_shapes(base))
     base, over = DERIVED.get(name, (name, {}))
     ref = json.loads((REFERENCE_DIR / f"{base}.json").read_text())
     return {**{k: tuple(v) for k, v in ref["tensors"].items()}, **over}
@@ -58,7 +88,10 @@ def tiny_spec(name: str) -> ModelSpec:
     adm = fam.vector_width(texts, unet) if fam.vector_width and u.adm_in_channels else 0
     unet = replace(unet, adm_in_channels=adm)
     vae = replace(spec.vae, ch=32) if spec.vae else None
-    return replace(spec, unet=unet, vae=vae, text_encoders=texts)
+    # the families' own parts (unCLIP's image tower): the same depth, tiny widths, the embedding as wide as the text
+    extra = tuple((k, replace(v, width=TEXT_WIDTH, mlp=2 * TEXT_WIDTH, output_dim=adm // 2 or TEXT_WIDTH)
+                   if k == "vision" else v) for k, v in spec.extra)
+    return replace(spec, unet=unet, vae=vae, text_encoders=texts, extra=extra)
 
 
 def _random_like(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -93,6 +126,8 @@ def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
             sd[k] = PART_SCHEDULES[prefix]()[k[len(prefix):]]
         elif k.startswith("model_ema."):  # EMA copies (LDM files; ignored by their rule): placeholders, since the
             sd[k] = torch.zeros(1)        # released shapes would make a tiny file of a gigabyte
+        elif k.startswith("embedder.model."):   # the unCLIP embedder's unused text side (ignored): tiny too
+            sd[k] = torch.zeros([min(s, TEXT_WIDTH) for s in shape])
         else:
             sd[k] = torch.zeros(shape)
     return sd

@@ -123,7 +123,9 @@ def detect(shapes: Shapes, prediction: str | None = None) -> ModelSpec:
         unsupported += ("no VAE in the file (first_stage_model.*): generation needs a separate VAE, not supported yet",)
     pred, source = decide_prediction(fam.name, shapes, prediction)
     return ModelSpec(family=fam.name, unet=unet, vae=vae, text_encoders=texts, latent=fam.latent, prediction=pred,
-                     prediction_source=source, unsupported=unsupported, network=fam.network)
+                     prediction_source=source,
+                     extra=fam.extra_config(shapes) if fam.extra_config else (),
+                     unsupported=unsupported, network=fam.network)
 
 
 def decide_prediction(family: str, shapes: Shapes, override: str | None) -> tuple[str, str]:

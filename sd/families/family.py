@@ -90,6 +90,8 @@ class Family:
     img2img: Callable[[Any, ModelSpec, Any, Any], tuple[Any, float]] | None = None
                                                # (parts, spec, request, generator) -> (z0 (1, C, h, w), strength):
                                                # the family's own img2img start (depth), drawn before the noise
+    extra_config: Callable[[Shapes], tuple[tuple[str, Any], ...]] | None = None
+                                               # shapes -> ModelSpec.extra: numbers of the family's own parts
     tile: int = 0                              # latent side (px) above which the pipeline runs the UNet in
                                                # overlapping tiles (x4: 512, the low-res image's side); 0 = never
     preset: str = ""                           # presets/<name>.json ("" = the family name)

@@ -4,8 +4,8 @@ cross-attention on OpenCLIP ViT-H/14's penultimate layer (+ final LN), eps (512)
 Families: `sd2` (text to image; eps or v settled by the A1111 probe), `sd2-inpaint` (512-inpainting-ema: 9-channel
 UNet, concat = mask + masked-image latent), `sd2-depth` (5 channels: latent + a given depth map, img2img from the
 init image; the MiDaS estimator in the file is not run yet), `sd2-x4-upscaler` (7 channels: latent + the noised
-low-res RGB, noise-level class label, kl-f4 latent), and, detected and loaded but not run yet, `sd2-unclip-h` /
-`sd2-unclip-l` (CLIP image embedding + noise level as the UNet's vector).
+low-res RGB, noise-level class label, kl-f4 latent), `sd2-unclip-h` / `sd2-unclip-l` (image variations: the CLIP
+image embedding of `embedder.model.visual.*`, noise-augmented, + its level embedding as the UNet's vector).
 Recognised by: an OpenCLIP text tower under `cond_stage_model.model.` (or SGM's `conditioner.embedders.0.model.`
 without a second tower and without a vector input, which would be the SDXL refiner).
 """
@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..config import LatentFormat, ModelSpec
 from ..inpaint import image_to_tensor, load_image
@@ -212,18 +213,134 @@ SD2_X4 = Family(
     inputs=X4_INPUTS, check=x4_check, extras=x4_extras, infotext=noise_level_infotext, tile=512,
 )
 
-_UNCLIP_PARTS = (("embedder.", "unCLIP image embedder (image variations not implemented yet)"),
-                 ("noise_augmentor.", "unCLIP noise augmentation (not implemented yet)"))
+# ------------------------------------------------------------------------------------------- unCLIP
+# Reference: Stability-AI/stablediffusion `ldm/models/diffusion/ddpm.py` ImageEmbeddingConditionedLatentDiffusion
+# (configs/stable-diffusion/v2-1-stable-unclip-{h,l}-inference.yaml) and `ldm/modules/encoders/modules.py`
+# CLIPEmbeddingNoiseAugmentation: the CLIP image embedding e of the input image is noised by q_sample of a
+# squaredcos_cap_v2 schedule at the noise level, and the UNet's vector is cat(e', timestep_embedding(level)); the
+# unconditional branch gets zeros (scripts/streamlit/stableunclip.py). diffusers: StableUnCLIPImg2ImgPipeline
+# (noise_image_embeddings; its image normaliser is the identity, as the augmentor's default data_mean / data_std).
+
+UNCLIP_BUFFERS = "noise_augmentor."
+UNCLIP_VISION = "embedder.model.visual."
+UNCLIP_MAX_NOISE = 999
+UNCLIP_MIN_SIDE = 64
+
+
+def squaredcos_abar(steps: int = 1000) -> Tensor:
+    """alphas_cumprod (steps,) float64 of squaredcos_cap_v2 (Nichol & Dhariwal 2021, "Improved DDPM"): betas_i =
+    min(1 - f(t_{i+1}) / f(t_i), 0.999), f(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, t_i = i / steps."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def unclip_extra_config(vit_h: bool):
+    """ModelSpec.extra of an unCLIP file: the image tower's numbers (open_clip ViT-H-14: head width 80, GELU;
+    OpenAI's ViT-L/14: 64, QuickGELU), or nothing when the file has no image embedder."""
+    from ..clip_vision import vision_config
+
+    def extra(shapes) -> tuple:
+        if UNCLIP_VISION + "conv1.weight" not in shapes:
+            return ()
+        return (("vision", vision_config(shapes, UNCLIP_VISION, 80 if vit_h else 64, not vit_h)),)
+    return extra
+
+
+def unclip_tensors(spec: ModelSpec) -> dict:
+    from ..clip_vision import build_vision_tower
+
+    cfg = dict(spec.extra).get("vision")
+    if cfg is None:
+        return {}
+    tower = build_vision_tower(cfg, device="meta")
+    return {"image_encoder": {UNCLIP_VISION + k: tuple(v.shape) for k, v in tower.state_dict().items()}}
+
+
+def unclip_extras(ckpt, spec: ModelSpec, device, dtype) -> dict:
+    from ..checkpoint import CheckpointError
+    from ..clip_vision import build_vision_tower
+
+    abar, source = file_abar(ckpt, UNCLIP_BUFFERS, squaredcos_abar())
+    out = {"embed_abar": abar, "embed_abar_source": source}
+    cfg = dict(spec.extra).get("vision")
+    if cfg is not None:
+        tower = build_vision_tower(cfg, device="meta")
+        try:
+            tower.load_state_dict(ckpt.tensors(UNCLIP_VISION), strict=True, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"unCLIP image tower: {str(e).splitlines()[0][:300]}") from None
+        out["image_encoder"] = tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return out
+
+
+def unclip_check(inputs: dict) -> None:
+    nl = inputs["noise_level"]
+    if float(nl) != int(nl):
+        raise ValueError(f"noise_level must be a whole number (a timestep of the augmentation), got {nl:g}")
+    w, h = load_image(inputs["image"], "image").size
+    if min(w, h) < UNCLIP_MIN_SIDE:
+        raise ValueError(f"the image is {w}x{h}; unCLIP needs at least {UNCLIP_MIN_SIDE}x{UNCLIP_MIN_SIDE} pixels: "
+                         "give a larger image")
+
+
+def unclip_pixels(image) -> Tensor:
+    """The input image as the reference scripts load it: each side shrunk to a multiple of 64 (PIL LANCZOS), RGB,
+    x / 127.5 - 1. Returns (1, 3, H', W')."""
+    img = load_image(image, "image").convert("RGB")
+    w, h = img.size
+    if (w % 64, h % 64) != (0, 0):
+        img = img.resize((w - w % 64, h - h % 64), resample=Image.LANCZOS)
+    return image_to_tensor(img)
+
+
+def noise_embedding(e: Tensor, level: int, abar: Tensor, generator: torch.Generator) -> Tensor:
+    """CLIPEmbeddingNoiseAugmentation: e' = sqrt(abar) e + sqrt(1 - abar) n (float64 maths, float32 result), then
+    cat with timestep_embedding(level, D). e (1, D); n = randn (1, D) is the family's input-side draw. (1, 2D)."""
+    from ..unet import timestep_embedding
+
+    n = torch.randn(e.shape, generator=generator, dtype=torch.float32)             # (1, D)
+    a = abar[level].double()
+    noised = (a.sqrt() * e.double() + (1 - a).sqrt() * n.double()).float()         # (1, D)
+    level_emb = timestep_embedding(torch.tensor([float(level)]), e.shape[1])       # (1, D), cos first
+    return torch.cat([noised, level_emb], dim=1)
+
+
+def unclip_condition(parts, spec: ModelSpec, request, generator) -> tuple[dict, dict]:
+    """Text (OpenCLIP penultimate, "" encoded) + vector = cat(noised image embedding, level embedding) (B, 2D);
+    zeros (noise-level part included) in the unconditional branch."""
+    from ..clip_vision import image_embedding
+
+    tower = parts.extras.get("image_encoder")
+    if tower is None:
+        raise ValueError("this unCLIP file has no image embedder (embedder.model.visual.*): use a checkpoint that "
+                         "includes it")
+    cond, uncond = text_condition(parts, spec, request, generator)
+    e = image_embedding(tower, unclip_pixels(request.inputs["image"]))             # (1, D)
+    vec = noise_embedding(e, int(request.inputs["noise_level"]), parts.extras["embed_abar"], generator)
+    vec = vec.to(cond["crossattn"].dtype)
+    return ({**cond, **batched({"vector": vec}, request.batch_size)},
+            {**uncond, **batched({"vector": torch.zeros_like(vec)}, request.batch_size)})
+
+
+UNCLIP_INPUTS = (
+    Input("image", "image", "Image to vary", required=True, cli="--init-image", scale=0,
+          help="RGB image of any size (at least 64x64); the output has the requested width and height."),
+    Input("noise_level", "number", "Noise level", default=0, min=0, max=UNCLIP_MAX_NOISE,
+          help="Noise added to the image embedding (0..999): higher strays further from the image."),
+)
+_UNCLIP = dict(tab="unclip", build=build, latent=SD_LATENT, condition=unclip_condition, default_size=768,
+               preview=SD_RGB, preset="sd2-unclip", inputs=UNCLIP_INPUTS, check=unclip_check, extras=unclip_extras,
+               extra_tensors=unclip_tensors, infotext=noise_level_infotext)
 SD2_UNCLIP_H = Family(
-    name="sd2-unclip-h", label="SD 2.1 unCLIP (ViT-H)", tab="variants", matches=unclip(True), build=build,
-    latent=SD_LATENT, vector_width=lambda texts, unet: 2 * texts[0].width, default_size=768, preview=SD_RGB,
-    preset="sd2-unclip", parts=_UNCLIP_PARTS, unsupported="unCLIP image embedding conditioning not implemented yet",
+    name="sd2-unclip-h", label="SD 2.1 unCLIP (ViT-H)", matches=unclip(True),
+    vector_width=lambda texts, unet: 2 * texts[0].width, extra_config=unclip_extra_config(True), **_UNCLIP,
 )
 SD2_UNCLIP_L = Family(
-    name="sd2-unclip-l", label="SD 2.1 unCLIP (ViT-L)", tab="variants", matches=unclip(False), build=build,
-    latent=SD_LATENT, vector_width=lambda texts, unet: unet.adm_in_channels,  # CLIP-L image width: not in text shapes
-    default_size=768, preview=SD_RGB, preset="sd2-unclip", parts=_UNCLIP_PARTS,
-    unsupported="unCLIP image embedding conditioning not implemented yet",
+    name="sd2-unclip-l", label="SD 2.1 unCLIP (ViT-L)", matches=unclip(False),
+    vector_width=lambda texts, unet: unet.adm_in_channels,  # CLIP-L image width: not in text shapes
+    extra_config=unclip_extra_config(False), **_UNCLIP,
 )
 
 FAMILIES = (SD2, SD2_INPAINT, SD2_DEPTH, SD2_X4, SD2_UNCLIP_H, SD2_UNCLIP_L)

@@ -233,7 +233,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         load_first_stage(tmp_path / "damaged.safetensors")
 
 
-def test_cli_reconstruct(tmp_path: Path) -> None:
+def test_cli_reconstruct(tmp_path: Path, capsys) -> None:
+    from sd.__main__ import main
+
     path = write_tiny_first_stage("ldm_vq_f4", tmp_path / "vq-f4.ckpt")
     sample_image((32, 32)).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
@@ -250,7 +252,9 @@ def test_cli_reconstruct(tmp_path: Path) -> None:
     # too small for f32: one line, exit 2
     f32 = write_tiny_first_stage("ldm_kl_f32", tmp_path / "kl-f32.safetensors")
     sample_image((16, 16)).save(tmp_path / "small.png")
-    res = subprocess.run([*cmd[:5], str(f32), "--image", str(tmp_path / "small.png"), "--out", str(tmp_path / "o2.png")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "at least 32x32" in res.stderr
+    capsys.readouterr()   # in process: the same entry point, without another interpreter start
+    assert main(["reconstruct", "--checkpoint", str(f32), "--image", str(tmp_path / "small.png"),
+                 "--out", str(tmp_path / "o2.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least 32x32" in err
     assert not (tmp_path / "o2.png").exists()

@@ -1,5 +1,6 @@
 """A real browser (Debian's chromium, driven by playwright) on the app: SDXL tab, prompt, crop slider, Generate;
-the Inpaint tab: an image uploaded into the editor, a mask painted on it with the mouse, paste back, Generate.
+the Inpaint tab: an image uploaded into the editor, a mask painted on it with the mouse, paste back, Generate;
+the SD3 / 3.5 tab: shift and size set, Generate, the infotext and the facts (which text encoders were used).
 
 The screenshot is kept under test-artifacts/ (gitignored). Timeouts are generous: the tiny SDXL checkpoint
 runs on a shared 2-core CPU.
@@ -18,6 +19,8 @@ import pytest
 import app
 from sd.pipeline import ModelCache
 
+from .tiny_sd3 import write_tiny_sd3, write_tiny_spiece
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,6 +33,8 @@ def url(tiny_files, tmp_path_factory):
     models = tmp_path_factory.mktemp("browser-models")
     os.symlink(tiny_files("sdxl_base"), models / "sdxl.safetensors")
     os.symlink(tiny_files("sd1_inpaint"), models / "sd1-inpaint.safetensors")
+    write_tiny_sd3("sd3_medium", models / "sd3m.safetensors")
+    write_tiny_spiece(models / "spiece.model")
     outputs = tmp_path_factory.mktemp("browser-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
     with socket.socket() as s:
@@ -157,3 +162,32 @@ def test_inpaint_tab_paints_a_mask_in_chromium(url, tmp_path):
     assert np.abs(used - a).mean() < 2      # the browser's canvas round trip moves colours by a level at most
     outside, inside = np.abs(result - used)[~mask].mean(), np.abs(result - used)[mask].mean()
     assert outside == 0 and inside > 5, (outside, inside)
+
+
+def test_sd3_tab_in_chromium(url):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with browser_page(url, 1600) as page:
+        page.get_by_role("tab", name="SD3 / 3.5").click()
+        expect(page.locator("#sd3-facts")).to_contain_text("MMDiT")
+        page.locator("#sd3-prompt textarea").fill("a red circle")
+        for elem_id, v in (("sd3-width", 64), ("sd3-height", 64), ("sd3-steps", 2)):
+            set_number(page, elem_id, v)
+        box = page.locator("#sd3-shift input[type=number]")
+        box.fill("2")
+        box.press("Enter")
+        page.locator("#sd3-generate").click()
+        status = page.locator("#sd3-status")
+        expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
+        assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
+        img = page.locator("#sd3-gallery img").first
+        expect(img).to_be_visible()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#sd3-gallery img'); return i && i.complete "
+            "&& i.naturalWidth > 0; }", timeout=120_000)
+        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        info = page.locator("#sd3-infotext textarea").input_value()
+        page.screenshot(path=str(ARTIFACTS / "browser-sd3.png"), full_page=True)
+    assert size == [64, 64]
+    assert info.startswith("a red circle\nSteps: 2,") and "Shift: 2" in info and "Size: 64x64" in info

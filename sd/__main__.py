@@ -110,6 +110,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None)
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources)
     inputs = _request_inputs(args, model.family)
+    if not model.family.text and (args.prompt or args.negative_prompt):
+        print(f"warning: a {model.family.label} checkpoint takes no prompt; --prompt/--negative-prompt are ignored",
+              file=sys.stderr)
     size = (default_size(model.spec, is_demo=args.checkpoint is None),) * 2
     pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs and i.scale]
     if pixel:  # pixel inputs are used at their own size: the output size is the image's (x scale: the x4 upscaler)

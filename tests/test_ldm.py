@@ -263,9 +263,11 @@ def test_cin256_v2_and_celeba_generate_through_the_cli(files, tmp_path: Path, ca
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.images[0]))
     out2 = tmp_path / "celeba.png"
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(files["ldm_celeba256"]), "--prompt", "", *common,
+    assert main(["generate", "--checkpoint", str(files["ldm_celeba256"]), "--prompt", "a face", *common,
                  "--out", str(out2)]) == 0   # in process: the same entry point, without another interpreter start
-    assert json.loads(capsys.readouterr().out)["family"] == "ldm-uncond-vq-f4"
+    got = capsys.readouterr()
+    assert json.loads(got.out)["family"] == "ldm-uncond-vq-f4"
+    assert "warning: a LDM unconditional 256 (CelebA-HQ / FFHQ / LSUN bedrooms) checkpoint takes no prompt" in got.err
     want = _run(load_model(files["ldm_celeba256"]), cfg=7.0)
     img = np.asarray(Image.open(out2))
     assert img.shape == (64, 64, 3) and np.array_equal(img, np.asarray(want.images[0])) and img.std() > 1

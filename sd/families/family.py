@@ -78,6 +78,8 @@ class Family:
     unet_config: Callable[[Shapes, UNetConfig], UNetConfig] | None = None
                                                # the UNet numbers shapes cannot tell, from the released config
                                                # (LDM attention heads); applied once the family is chosen
+    text: bool = True                          # takes a prompt; False (LDM unconditional / class / SR models):
+                                               # a non-empty prompt is ignored with a warning, not an error
     sigmas_buffer: str = "betas"               # which schedule buffer of the file gives the training sigmas:
                                                # "betas" (SD) or "alphas_cumprod" (LDM, as k-diffusion's CompVisDenoiser)
     preview: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] = ((), ())  # latent->RGB (C, 3) and bias (3,)

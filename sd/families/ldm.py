@@ -200,6 +200,7 @@ def class_infotext(kw: dict) -> dict[str, str]:
 _COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod")
 
 LDM_UNCOND = Family(
+    text=False,
     name="ldm-uncond-vq-f4", label="LDM unconditional 256 (CelebA-HQ / FFHQ / LSUN bedrooms)", matches=uncond,
     build=build_plain, latent=VQ_F4, condition=no_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
     unet_config=_heads(per_head=32), preset="ldm-uncond", **_COMMON,
@@ -207,6 +208,7 @@ LDM_UNCOND = Family(
 )
 
 LDM_CIN_V2 = Family(
+    text=False,
     name="ldm-cin256-v2", label="LDM ImageNet 256 class-conditional (cin256-v2)", matches=classes,
     build=build_class, latent=VQ_F4, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
     unet_config=_heads(count=1), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
@@ -214,6 +216,7 @@ LDM_CIN_V2 = Family(
 )
 
 LDM_CIN = Family(
+    text=False,
     name="ldm-cin256", label="LDM ImageNet 256 class-conditional (cin256, VQ-f8)", matches=classes,
     build=build_class, latent=VQ_F8, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY4,
     unet_config=_heads(per_head=32), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
@@ -241,12 +244,14 @@ def sr_condition(parts, spec, request, generator=None) -> tuple[dict, None]:
 
 
 LDM_BSR = Family(
+    text=False,
     name="ldm-bsr-sr", label="LDM super-resolution 4x (bsr_sr)", matches=uncond, build=build_plain, latent=VQ_F4,
     concat=(("low_res", 3),), schedule=(0.0015, 0.0155, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
     condition=sr_condition, inputs=SR_INPUTS, preset="ldm-bsr-sr", **_COMMON,
 )
 
 LDM_SEMANTIC = Family(
+    text=False,
     name="ldm-semantic", label="LDM semantic synthesis (segmentation map to image)", matches=semantic,
     build=build_plain, latent=VQ_F4, concat=(("segmentation", 3),), schedule=(0.0015, 0.0205, 1000),
     preview=_GREY3, unet_config=_heads(count=8), preset="ldm-waiting",
@@ -279,6 +284,7 @@ LDM_LAYOUT = Family(
 )
 
 LDM_RDM = Family(
+    text=False,
     name="ldm-rdm", label="LDM retrieval-augmented 768 (rdm_768x768)", matches=rdm, build=build_plain,
     latent=KL_F16, schedule=(0.0015, 0.015, 1000), preview=_GREY16, unet_config=_heads(per_head=32),
     preset="ldm-waiting", unsupported="not run yet: needs a retrieval database (CLIP nearest neighbours)", **_COMMON,

@@ -309,11 +309,11 @@ def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
         inp = declared_input(tab, name) if name not in COMMON_INPUTS else None
         if inp is not None and s[name] is None:
             s[name] = inp.default
-    image = s.get("image")
-    if image is not None and hasattr(image, "size"):  # pixel inputs: the output size defaults to the image's
-        for side, v in zip(("width", "height"), image.size):
+    image, inp = s.get("image"), declared_input(tab, "image")
+    if image is not None and hasattr(image, "size") and inp is not None and inp.scale:
+        for side, v in zip(("width", "height"), output_size(image.size, inp.scale)):  # the image's size decides
             if s.get(side) is None:
-                s[side] = max(64, v // 8 * 8)
+                s[side] = v
     if not s.get("checkpoint"):
         s["checkpoint"] = default_choice(ctx, tab, ctx.index.scan())
         if s["checkpoint"] is None:
@@ -335,6 +335,12 @@ def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
             if f"{kind}_{side}" in s and s[f"{kind}_{side}"] is None:
                 s[f"{kind}_{side}"] = s[side]
     return s
+
+
+def output_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """The output size a pixel input of `size` asks for (its family's Input.scale: 1 inpaint/depth, 4 x4), rounded
+    down to a multiple of 8 and at least 64."""
+    return tuple(max(64, v * scale // 8 * 8) for v in size)
 
 
 def _num(s: dict, key: str, kind=int):
@@ -801,11 +807,16 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
             image, mask = editor_to_inputs(value)
             if image is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            w, h = (max(64, v // 8 * 8) for v in image.size)
-            return image, mask, w, h
+            return (image, mask, *output_size(image.size, 1))
 
         c["editor"].change(from_editor, c["editor"], [c["image"], c["mask"], c["width"], c["height"]],
                            api_visibility="private", queue=False)
+    inp = declared_input(tab, "image")
+    if "image" in c and "editor" not in c and inp is not None and inp.scale:  # the size follows the image
+        def size_of(image, scale=inp.scale):
+            return output_size(image.size, scale) if image is not None else (gr.skip(), gr.skip())
+
+        c["image"].change(size_of, c["image"], [c["width"], c["height"]], api_visibility="private", queue=False)
     if "original_width" in c:  # original and target size follow the output size when the user changes it
         c["width"].input(lambda w: (w, w), c["width"], [c["original_width"], c["target_width"]],
                          api_visibility="private", queue=False)

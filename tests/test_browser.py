@@ -63,6 +63,23 @@ def browser_page(url: str, height: int):
             browser.close()
 
 
+def generate(page, tab: str):
+    """Click the tab's Generate, wait for a finished run (a one-image status) and a loaded first gallery image;
+    returns that image's locator and the infotext."""
+    from playwright.sync_api import expect
+
+    page.locator(f"#{tab}-generate").click()
+    status = page.locator(f"#{tab}-status")
+    expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
+    assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
+    img = page.locator(f"#{tab}-gallery img").first
+    expect(img).to_be_visible()
+    page.wait_for_function(
+        f"() => {{ const i = document.querySelector('#{tab}-gallery img'); return i && i.complete "
+        "&& i.naturalWidth > 0; }", timeout=120_000)
+    return img, page.locator(f"#{tab}-infotext textarea").input_value()
+
+
 def set_number(page, elem_id: str, value: int) -> None:
     """Type a value into the number box of a gradio slider and commit it."""
     box = page.locator(f"#{elem_id} input[type=number]")
@@ -86,15 +103,8 @@ def test_sdxl_tab_in_chromium(url):
         for _ in range(4):               # move the crop slider with the keyboard: 4 x 8 px
             crop.press("ArrowRight")
         expect(page.locator("#sdxl-crop-top input[type=number]")).to_have_value("32")
-        page.locator("#sdxl-generate").click()
-        img = page.locator("#sdxl-gallery img").first
-        expect(img).to_be_visible(timeout=600_000)
-        page.wait_for_function(
-            "() => { const i = document.querySelector('#sdxl-gallery img'); return i && i.complete "
-            "&& i.naturalWidth > 0; }", timeout=120_000)
-        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-        assert size == [64, 64]
-        info = page.locator("#sdxl-infotext textarea").input_value()
+        img, info = generate(page, "sdxl")
+        assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
         assert info.startswith("a yellow star on a black background\nSteps: 2,")
         assert "SDXL crop top: 32" in info and "Size: 64x64" in info
         page.screenshot(path=str(ARTIFACTS / "browser-sdxl.png"), full_page=True)
@@ -143,19 +153,10 @@ def test_inpaint_tab_paints_a_mask_in_chromium(url, tmp_path):
         set_number(page, "inpaint-steps", 2)
         set_number(page, "inpaint-mask-blur", 0)
         page.locator("#inpaint-paste-back input[type=checkbox]").check()
-        page.locator("#inpaint-generate").click()
-        status = page.locator("#inpaint-status")
-        expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
-        assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
-        out = page.locator("#inpaint-gallery img").first
-        expect(out).to_be_visible()
-        page.wait_for_function(
-            "() => { const i = document.querySelector('#inpaint-gallery img'); return i && i.complete "
-            "&& i.naturalWidth > 0; }", timeout=120_000)
+        out, info = generate(page, "inpaint")
         result = _fetch_image(page, out)
         mask = _fetch_image(page, page.locator("#inpaint-mask img").first)[..., 0] > 127
         used = _fetch_image(page, page.locator("#inpaint-image img").first)  # the editor's background
-        info = page.locator("#inpaint-infotext textarea").input_value()
         page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
     assert result.shape == (64, 64, 3) and 200 < mask.sum() < 64 * 64 - 200  # a stroke, not everything
     assert "Mask blur: 0" in info and "Denoising strength: 1" in info
@@ -177,17 +178,8 @@ def test_sd3_tab_in_chromium(url):
         box = page.locator("#sd3-shift input[type=number]")
         box.fill("2")
         box.press("Enter")
-        page.locator("#sd3-generate").click()
-        status = page.locator("#sd3-status")
-        expect(status).to_contain_text(re.compile("done|error"), timeout=600_000)
-        assert status.inner_text().startswith("done: 1 image(s), 2 steps"), status.inner_text()
-        img = page.locator("#sd3-gallery img").first
-        expect(img).to_be_visible()
-        page.wait_for_function(
-            "() => { const i = document.querySelector('#sd3-gallery img'); return i && i.complete "
-            "&& i.naturalWidth > 0; }", timeout=120_000)
+        img, info = generate(page, "sd3")
         size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-        info = page.locator("#sd3-infotext textarea").input_value()
         page.screenshot(path=str(ARTIFACTS / "browser-sd3.png"), full_page=True)
     assert size == [64, 64]
     assert info.startswith("a red circle\nSteps: 2,") and "Shift: 2" in info and "Size: 64x64" in info

@@ -436,6 +436,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     for n in range(count):
         p = _params(s, seed + n * int(s["batch_size"]))
         p.inputs = inputs
+        p.models_dir = str(ctx.index.root)  # <lora:NAME:w> and embeddings resolve in its listings only
         base_done = done_steps
 
         def on_step(info: dict, base_done=base_done) -> None:
@@ -464,6 +465,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
                 model_hash=model.short_hash, family=model.spec.family,
                 denoising_strength=p.strength if p.init_image is not None else (1.0 if "mask" in inputs else None),
                 **{k: v for k, v in options.items() if k in BUILD_OPTIONS}, inputs=p.inputs,
+                extra_fields=res.info.get("infotext"),
                 sdxl_original_size=p.sdxl_original_size, sdxl_crop=p.sdxl_crop, sdxl_target_size=p.sdxl_target_size,
                 aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
                 refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,

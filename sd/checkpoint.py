@@ -9,6 +9,7 @@ The key-accounting rules (which tensors may be ignored, and why) also live here,
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -360,3 +361,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()}
         return Checkpoint(path, infos, _tensors=tensors)
     raise CheckpointError(f"{path.name}: unsupported file type {suffix or '(none)'}; expected .safetensors or .ckpt")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a whole file, read in 1 MiB blocks (A1111's model / VAE / TI hashes are prefixes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_pickle, open_checkpoint
+from .checkpoint import CheckpointError, file_sha256, load_pickle, open_checkpoint
 from .tokenizer import BREAK_WEIGHT, CHUNK_TOKENS, EOT, SOT, encode, parse_prompt_attention, tokenize_weighted
 
 Tensor = torch.Tensor
@@ -54,11 +53,7 @@ class Embedding:
 
 def embedding_hash(path: str | os.PathLike) -> str:
     """A1111's `TI hashes` value: the first 12 hex digits of the sha256 of the whole file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def _as_vectors(t: object, path: Path, key: str) -> Tensor:

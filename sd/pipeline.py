@@ -9,7 +9,6 @@ fractional timesteps; 8-bit rounding).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .config import ModelSpec
 from .denoiser import make_denoiser, noised, sgm_net, start_noise
 from .families import Family, check_inputs, detect, get_family
@@ -71,11 +70,7 @@ class LoadedModel:
     def short_hash(self) -> str:
         """First 10 hex digits of the file's sha256 (A1111's "Model hash")."""
         if self._hash is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hash = h.hexdigest()[:10]
+            self._hash = file_sha256(self.path)[:10]
         return self._hash
 
     def nbytes(self) -> int:

@@ -10,12 +10,11 @@ which shapes cannot tell, so only the shape is checked and the choice is the use
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, file_sha256
 from .models_dir import extra_files, resolve_extra
 
 AUTOMATIC, NONE = "Automatic", "None"
@@ -56,11 +55,7 @@ def resolve_vae(choice: str | None, checkpoint: str | os.PathLike, models_dir: s
 
 def vae_hash(path: str | os.PathLike) -> str:
     """A1111's `VAE hash`: the first 10 hex digits of the sha256 of the file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def load_vae_for(path: str | os.PathLike, spec, label: str, device, dtype):

@@ -95,6 +95,20 @@ def _request_inputs(args: argparse.Namespace, family) -> dict:
     return inputs
 
 
+def _vae_file(choice: str | None, checkpoint) -> Path | None:
+    """--vae: None / "None" = the checkpoint's own; "Automatic" = NAME.vae.safetensors beside it (else its own);
+    otherwise a file (the command line is local: any path the user names)."""
+    from .vae_choice import AUTOMATIC, NONE, beside
+
+    if choice in (None, "", NONE):
+        return None
+    if choice == AUTOMATIC:
+        return beside(checkpoint)
+    if not Path(choice).is_file():
+        raise CheckpointError(f"--vae {choice}: no such file; give a VAE .safetensors, Automatic or None")
+    return Path(choice)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inpaint import load_image
     from .pipeline import GenerateParams, default_size, generate, load_model
@@ -108,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .text_encoders import TextSources
 
     sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None)
-    model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources)
+    model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources,
+                       vae=_vae_file(args.vae, path))
     inputs = _request_inputs(args, model.family)
     if not model.family.text and (args.prompt or args.negative_prompt):
         print(f"warning: a {model.family.label} checkpoint takes no prompt; --prompt/--negative-prompt are ignored",
@@ -132,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
         sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score, inputs=inputs, tile=args.tile,
+        models_dir=args.models_dir, loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
     )
     if args.init_image and not any(i.flag == "--init-image" for i in model.family.inputs):
         params.init_image = load_image(args.init_image, "--init-image")
@@ -225,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, dest=_dest(flag), **kw)
     g.add_argument("--tile", type=int, default=None,
                    help="x4 upscaler: latent tile side of the tiled UNet (default: the family's 512; 0 = off)")
+    g.add_argument("--loras-dir", default=None, metavar="DIR",
+                   help="where <lora:NAME:w> tags in the prompt look for NAME (also --models-dir's LoRA folders)")
+    g.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="textual-inversion embeddings used by file name in the prompt")
+    g.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="an A1111 / ComfyUI models folder: its Lora/loras, embeddings and VAE folders are searched")
+    g.add_argument("--vae", default=None, metavar="FILE|Automatic|None",
+                   help="a VAE file instead of the checkpoint's own; Automatic: NAME.vae.safetensors beside it")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)

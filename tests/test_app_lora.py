@@ -1,5 +1,6 @@
-"""LoRA tags through the app (issue 12): `<lora:NAME:w>` in a tab's prompt resolves in the models folder's LoRA
-listing, changes the image, and the infotext carries `Lora hashes`; a name that is not listed is one line."""
+"""LoRA tags through the app and the CLI (issue 12): `<lora:NAME:w>` in a tab's prompt resolves in the models folder's
+LoRA listing, changes the image, and the infotext carries `Lora hashes`; a name that is not listed is one line. The
+CLI takes `--loras-dir` and `--vae FILE|Automatic|None`."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +16,7 @@ from sd.pipeline import ModelCache, load_model
 from sd.pnginfo import parse_parameters, to_settings
 
 from .test_app import SD1
+from .test_cli import run_sd
 from .test_lora import _lora_for
 
 
@@ -41,3 +43,25 @@ def test_lora_tag_in_the_app(tiny_files, tmp_path):
     assert "Lora hashes" not in plain.infotext
     with pytest.raises(Exception, match="(?i)no such lora"):
         run("a red circle <lora:../../etc/passwd:1>")
+
+
+def test_lora_and_vae_flags_on_the_cli(tiny_files, tmp_path, capsys):
+    ckpt = tmp_path / "sd1.safetensors"
+    shutil.copyfile(tiny_files("sd1"), ckpt)
+    model = load_model(ckpt)
+    names = {n for n, m in model.parts.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    (tmp_path / "loras").mkdir()
+    _lora_for(model, tmp_path / "loras" / "styleA.safetensors", 10, names)
+    common = ["generate", "--checkpoint", str(ckpt), "--width", "64", "--height", "64", "--steps", "2"]
+
+    def image(name, *extra):
+        r = run_sd(capsys, *common, "--out", str(tmp_path / name), *extra)
+        assert r.returncode == 0, r.stderr
+        return np.asarray(Image.open(tmp_path / name)).astype(int)
+
+    plain = image("plain.png", "--prompt", "a cat")
+    tagged = image("tagged.png", "--prompt", "a cat <lora:styleA:1>", "--loras-dir", str(tmp_path / "loras"))
+    auto = image("auto.png", "--prompt", "a cat", "--vae", "Automatic")   # no NAME.vae.* beside: its own VAE
+    assert np.abs(plain - tagged).mean() > 1 and np.array_equal(plain, auto)
+    r = run_sd(capsys, *common, "--prompt", "a cat", "--vae", str(tmp_path / "missing.safetensors"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--vae" in r.stderr and "no such file" in r.stderr

@@ -39,6 +39,7 @@ from sd.preview import preview_every, preview_image
 from sd.samplers import DISPLAY_NAMES
 from sd.schedules import SCHEDULE_DISPLAY_NAMES
 from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
+from sd.vae_choice import AUTOMATIC, resolve_vae, vae_choices
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
@@ -48,7 +49,7 @@ TAB_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "inpaint": "Inpai
 SAMPLER_OF_DISPLAY = {v: k for k, v in DISPLAY_NAMES.items()}
 SCHEDULE_OF_DISPLAY = {v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
 COMMON_INPUTS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
-                 "height", "batch_size", "batch_count")
+                 "height", "batch_size", "batch_count", "vae")
 IMG2IMG_INPUTS = ("init_image", "strength")      # tabs whose families take no "image" input of their own
 PREDICTION_INPUTS = ("prediction",)              # tabs with a family whose eps/v is settled by a probe
 SDXL_INPUTS = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
@@ -295,7 +296,7 @@ def _name(display: str, table: dict[str, str], internal: dict) -> str:
 MAX_PROMPT_CHARS = 20_000   # about 50 chunks of 75 tokens; longer texts are refused before tokenizing
 MAX_BATCH_COUNT = 100
 # What an API call that leaves a parameter out gets, after the checkpoint's preset (see fill_defaults).
-PLAIN_DEFAULTS = {"prompt": "", "negative_prompt": "", "seed": -1, "batch_size": 1, "batch_count": 1,
+PLAIN_DEFAULTS = {"prompt": "", "negative_prompt": "", "seed": -1, "batch_size": 1, "batch_count": 1, "vae": "Automatic",
                   "strength": 0.75, "prediction": "auto", "crop_top": 0, "crop_left": 0, "refiner": NO_REFINER,
                   "switch_at": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 
@@ -399,7 +400,8 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
         right = tab_of_family(spec.family)
         where = f"use the {tab_label(right)} tab (/generate_{right})" if right else "this app cannot run it yet"
         raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
-    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction)
+    vae = resolve_vae(s.get("vae"), path, ctx.index.root) if path != ctx.demo_path else None
+    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae)
     refiner = None
     if s.get("refiner") and s["refiner"] != NO_REFINER:
         if not refiner_of(spec.family):
@@ -615,6 +617,9 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["checkpoint"] = gr.Dropdown(tab_choices(ctx, tab, entries), value=value, label="Checkpoint",
                                               allow_custom_value=True, elem_id=f"{tab}-checkpoint", scale=5)
                 c["refresh"] = gr.Button("Refresh", scale=0, min_width=80, elem_id=f"{tab}-refresh")
+                c["vae"] = gr.Dropdown(vae_choices(ctx.index.root), value=AUTOMATIC, label="VAE", scale=2,
+                                       elem_id=f"{tab}-vae",
+                                       info="Automatic: NAME.vae.safetensors beside the checkpoint, else its own")
                 if "prediction" in names:
                     c["prediction"] = gr.Dropdown(["auto", "eps", "v"], value="auto", label="Prediction type",
                                                   scale=1, elem_id=f"{tab}-prediction")
@@ -957,6 +962,7 @@ def refresh_all(ctx: AppContext, gen_tabs: dict[str, dict]):
     entries = ctx.index.scan()
     ups = [gr.Dropdown(choices=tab_choices(ctx, t, entries)) for t in gen_tabs]
     ups += [gr.Dropdown(choices=refiner_choices(entries)) for t in gen_tabs if "refiner" in gen_tabs[t]]
+    ups += [gr.Dropdown(choices=vae_choices(ctx.index.root)) for t in gen_tabs]
     return ups + [banner(ctx, entries), _future_text(ctx, waiting_presets(), by_tab(entries).get("variants", []))]
 
 
@@ -1001,7 +1007,8 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
             variants_md = build_future_tabs(ctx, entries)
             build_pnginfo_tab(ctx, tabs, gen_tabs)
         outs = ([gen_tabs[t]["checkpoint"] for t in gen_tabs]
-                + [gen_tabs[t]["refiner"] for t in gen_tabs if "refiner" in gen_tabs[t]] + [info, variants_md])
+                + [gen_tabs[t]["refiner"] for t in gen_tabs if "refiner" in gen_tabs[t]]
+                + [gen_tabs[t]["vae"] for t in gen_tabs] + [info, variants_md])
         for i, t in enumerate(gen_tabs):
             gen_tabs[t]["refresh"].click(lambda: refresh_all(ctx, gen_tabs), None, outs,
                                          api_name="refresh" if i == 0 else None,

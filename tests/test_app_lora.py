@@ -1,6 +1,6 @@
 """LoRA tags through the app and the CLI (issue 12): `<lora:NAME:w>` in a tab's prompt resolves in the models folder's
 LoRA listing, changes the image, and the infotext carries `Lora hashes`; a name that is not listed is one line. The
-CLI takes `--loras-dir` and `--vae FILE|Automatic|None`."""
+tabs' VAE dropdown and the CLI's `--loras-dir` / `--vae FILE|Automatic|None`."""
 from __future__ import annotations
 
 import shutil
@@ -65,3 +65,33 @@ def test_lora_and_vae_flags_on_the_cli(tiny_files, tmp_path, capsys):
     assert np.abs(plain - tagged).mean() > 1 and np.array_equal(plain, auto)
     r = run_sd(capsys, *common, "--prompt", "a cat", "--vae", str(tmp_path / "missing.safetensors"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--vae" in r.stderr and "no such file" in r.stderr
+
+
+def test_vae_choice_in_the_app(tiny_files, tmp_path):
+    """The tab's VAE dropdown: Automatic and None are the checkpoint's own; a file from the models folder's VAE
+    folder decodes instead (other pixels, `VAE` in the infotext); a name outside that listing is one line."""
+    from safetensors.torch import load_file, save_file
+
+    models = tmp_path / "models"
+    (models / "VAE").mkdir(parents=True)
+    shutil.copyfile(tiny_files("sd1"), models / "sd1.safetensors")
+    vae = {k[len("first_stage_model."):]: v for k, v in load_file(str(models / "sd1.safetensors")).items()
+           if k.startswith("first_stage_model.")}
+    vae["decoder.conv_out.bias"] = vae["decoder.conv_out.bias"] + 0.3          # a different decoder
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(models / "VAE" / "other.safetensors"))
+    demo = app.build_app(models, device="cpu", cache=ModelCache(), outputs_dir=tmp_path / "out")
+    ctx = demo.sd_context
+    assert "other.safetensors" in " ".join(app.vae_choices(ctx.index.root))
+
+    def run(vae):
+        out = app.run_request(ctx, "sd1", dict(SD1, checkpoint="sd1.safetensors", vae=vae), threading.Event(),
+                              lambda *a: None)
+        return out, np.asarray(Image.open(out.gallery[0][0])).astype(int)
+
+    (_, auto), (_, own) = run("Automatic"), run("None")
+    name = next(c for c in app.vae_choices(ctx.index.root) if "other" in c)
+    other, img = run(name)
+    assert np.array_equal(auto, own) and np.abs(img - own).mean() > 5
+    assert "VAE: other" in other.infotext
+    with pytest.raises(Exception, match="(?i)no such vae"):
+        run("../sd1.safetensors")

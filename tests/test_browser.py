@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,6 +149,12 @@ def test_inpaint_tab_paints_a_mask_in_chromium(url, tmp_path):
             page.mouse.move(cx - 40 + 4 * k, cy)
         page.mouse.up()
         expect(page.locator("#inpaint-mask img")).to_be_visible()
+        # the upload alone already sent an all-black mask: wait for the one with the stroke (the editor's change
+        # event after the stroke reaches the server a moment later)
+        deadline = time.time() + 120
+        while (_fetch_image(page, page.locator("#inpaint-mask img").first)[..., 0] > 127).sum() == 0:
+            assert time.time() < deadline, "the painted stroke never reached the mask input"
+            page.wait_for_timeout(250)
         expect(page.locator("#inpaint-width input[type=number]")).to_have_value("64")
         page.locator("#inpaint-prompt textarea").fill("a red ball")
         set_number(page, "inpaint-steps", 2)

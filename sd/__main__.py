@@ -109,19 +109,33 @@ def _vae_file(choice: str | None, checkpoint) -> Path | None:
     return Path(choice)
 
 
+def _hires(args: argparse.Namespace):
+    """sd.hires.Hires from the --hires-* flags (any of them turns hires fix on), or None."""
+    given = {k: getattr(args, f"hires_{k}") for k in ("scale", "steps", "denoise", "upscaler")}
+    if all(v is None for v in given.values()):
+        return None
+    from .hires import Hires
+
+    h = Hires(**{k: v for k, v in given.items() if v is not None})
+    h.check()
+    return h
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inpaint import load_image
     from .pipeline import GenerateParams, default_size, generate, load_model
 
+    hires = _hires(args)   # refused before anything loads
     path = args.checkpoint
     if path is None:
         from .demo import DEMO_CHECKPOINT
 
         path = DEMO_CHECKPOINT
         print(f"no --checkpoint given: using the built-in demo model {path}", file=sys.stderr)
-    from .text_encoders import TextSources
+    from .text_encoders import TextSources, check_device
 
-    sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None)
+    sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None,
+                          keep=args.keep_text_encoders, t5_device=check_device(args.t5_device, "--t5-device"))
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources,
                        vae=_vae_file(args.vae, path))
     inputs = _request_inputs(args, model.family)
@@ -141,8 +155,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              f"image is used at its own size: leave them out or give {out[0]}x{out[1]}")
         size = out
     args.width, args.height = args.width or size[0], args.height or size[1]
+    prompt, negative = args.prompt, args.negative_prompt
+    if args.style:   # A1111 styles.csv (sd.styles): --styles FILE, else styles.csv beside the models folder
+        from .styles import apply_styles, load_styles
+
+        prompt, negative = apply_styles(prompt, negative, load_styles(args.styles, args.models_dir), args.style)
     params = GenerateParams(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        prompt=prompt, negative_prompt=negative, width=args.width, height=args.height,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
         batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
         sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
@@ -156,7 +175,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def progress(info: dict) -> None:
         print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
 
-    result = generate(model, params, callback=progress)
+    if hires is not None:   # A1111's two-pass hires fix (sd.hires)
+        from .hires import generate_hires
+
+        result = generate_hires(model, params, hires, callback=progress)
+    else:
+        result = generate(model, params, callback=progress)
     print(file=sys.stderr)
     for note in result.info.get("notes", []):   # e.g. which text-encoder files were used, T5 left out
         print(f"note: {note}", file=sys.stderr)
@@ -219,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "text_encoders/ or clip/ beside the checkpoint or in the models folder)")
     g.add_argument("--t5-tokenizer", default=None, metavar="PATH",
                    help="SD3/3.5: T5's spiece.model or tokenizer.json (default: beside the T5 file)")
+    g.add_argument("--keep-text-encoders", action="store_true",
+                   help="SD3/3.5: keep CLIP-L/G and T5 loaded between requests (default: loaded to encode the "
+                        "prompts, freed before the MMDiT runs)")
+    g.add_argument("--t5-device", default=None, metavar="DEVICE",
+                   help="SD3/3.5: run T5-XXL on this device, e.g. cpu while the MMDiT is on cuda (default: --device)")
     g.add_argument("--sdxl-original-size", type=_size, default=None, help="H,W (default: output size)")
     g.add_argument("--sdxl-crop", type=_size, default=(0, 0), help="top,left (default 0,0)")
     g.add_argument("--sdxl-target-size", type=_size, default=None, help="H,W (default: output size)")
@@ -249,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an A1111 / ComfyUI models folder: its Lora/loras, embeddings and VAE folders are searched")
     g.add_argument("--vae", default=None, metavar="FILE|Automatic|None",
                    help="a VAE file instead of the checkpoint's own; Automatic: NAME.vae.safetensors beside it")
+    g.add_argument("--hires-scale", type=float, default=None, metavar="F",
+                   help="hires fix: a second img2img pass at F x the size (A1111's Hires upscale; turns it on)")
+    g.add_argument("--hires-steps", type=int, default=None, metavar="N", help="hires fix: steps of the second pass "
+                   "(default 0 = the first pass's)")
+    g.add_argument("--hires-denoise", type=float, default=None, metavar="S",
+                   help="hires fix: denoising strength of the second pass (default 0.7)")
+    g.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                   help="hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                        "Latent (nearest), Latent (nearest-exact), Lanczos or Nearest (default Latent)")
+    g.add_argument("--styles", default=None, metavar="FILE",
+                   help="A1111 styles.csv (default: styles.csv beside --models-dir)")
+    g.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply this style of the styles file to the prompts (repeatable, applied in order)")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)

@@ -212,7 +212,27 @@ def to_settings(parsed: dict[str, str]) -> dict:
     if "Refiner" in parsed:
         m = re.match(r"^(.*?)(?:\s*\[([0-9a-fA-F]+)\])?$", parsed["Refiner"])
         s["refiner"], s["refiner_hash"] = m.group(1), m.group(2)
+    s.update(_hires_settings(parsed, s))
     return s
+
+
+def _hires_settings(parsed: dict[str, str], s: dict) -> dict:
+    """A1111's hires-fix fields (sd.hires) -> hires, hires_scale, hires_resize_x/_y, hires_steps, hires_upscaler and
+    hires_denoise (its `Denoising strength` is the second pass's); {} when the image was not made with hires fix."""
+    if not any(k in parsed for k in ("Hires upscale", "Hires upscaler", "Hires resize-1")):
+        return {}
+    out: dict = {"hires": True}
+    if "Hires upscale" in parsed:
+        out["hires_scale"] = float(parsed["Hires upscale"])
+    if "Hires resize-1" in parsed:
+        out["hires_resize_x"], out["hires_resize_y"] = int(parsed["Hires resize-1"]), int(parsed["Hires resize-2"])
+    if "Hires steps" in parsed:
+        out["hires_steps"] = int(float(parsed["Hires steps"]))
+    if "Hires upscaler" in parsed:
+        out["hires_upscaler"] = parsed["Hires upscaler"]
+    if "strength" in s:
+        out["hires_denoise"] = s["strength"]
+    return out
 
 
 def guess_tab(settings: dict) -> str:

@@ -75,7 +75,8 @@ class LoadedModel:
 
     def nbytes(self) -> int:
         mods = [self.parts.unet, self.parts.vae, *self.parts.text_encoders]
-        return sum(p.numel() * p.element_size() for m in mods if m is not None for p in m.parameters())
+        # a dropped text tower (sd.text_encoders.Resident: weights on the meta device between requests) holds none
+        return sum(p.numel() * p.element_size() for m in mods if m is not None for p in m.parameters() if not p.is_meta)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,

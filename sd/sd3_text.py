@@ -93,7 +93,7 @@ def sd3_context(clip_l_hidden: Tensor, clip_g_hidden: Tensor, t5_hidden: Tensor 
         return clip
     if t5_hidden.shape[-1] != width:
         raise ValueError(f"T5 width {t5_hidden.shape[-1]} != the context width {width}")
-    return torch.cat([clip, t5_hidden.float()], dim=-2)  # (B, 77 + L, width)
+    return torch.cat([clip, t5_hidden.float().to(clip.device)], dim=-2)  # (B, 77 + L, width); T5 may sit elsewhere
 
 
 def sd3_vector(clip_l_pooled: Tensor, clip_g_pooled: Tensor) -> Tensor:
@@ -117,3 +117,23 @@ def encode_sd3_prompt(text: str, clip_l: TextEncoder, clip_g: TextEncoder, conte
     return {"crossattn": sd3_context(l_hidden, g_hidden, t5_hidden, context_dim),
             "vector": sd3_vector(l_pooled, g_pooled)}
 
+
+
+@torch.no_grad()
+def encode_sd3_prompts(texts: list[str], clip_l, clip_g, context_dim: int, t5=None, use=None) -> list[dict[str, Tensor]]:
+    """`encode_sd3_prompt` of several prompts, one tower at a time: every prompt through CLIP-L, then CLIP-G, then
+    T5 (a T5Tower: .model, .tokenizer), each tower inside `use(tower)` (sd.text_encoders.use: its weights loaded for
+    the block, dropped after), so at most one tower is in memory at once. The same numbers as `encode_sd3_prompt`."""
+    from contextlib import nullcontext
+
+    use = use or nullcontext
+    with use(clip_l) as m:
+        ls = [encode_clip(m, t) for t in texts]
+    with use(clip_g) as m:
+        gs = [encode_clip(m, t) for t in texts]
+    t5s = [None] * len(texts)
+    if t5 is not None:
+        with use(t5) as m:
+            t5s = [encode_t5(m.model, t5_tokens(m.tokenizer, t)) for t in texts]
+    return [{"crossattn": sd3_context(lh, gh, th, context_dim), "vector": sd3_vector(lp, gp)}
+            for (lh, lp), (gh, gp), th in zip(ls, gs, t5s)]

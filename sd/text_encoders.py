@@ -21,14 +21,25 @@ The T5 tokenizer (a sentencepiece `spiece.model`, or a tokenizers `tokenizer.jso
 found beside the T5 file, in the text-encoder folders, or beside the checkpoint. Without T5 (no file, no
 tokenizer, or `--no-t5`) SD3 runs on CLIP-L/G alone and the notes say so.
 
+Memory (T5-XXL alone is 9.5 GB in fp16): each tower carries a `Resident` (`tower.resident`) that loads its weights
+from the (mmap'd) file when a request encodes with it and drops them again (every tensor set to the meta device, the
+module object kept) once the prompts are encoded, so no text tower is resident while the MMDiT samples; at load time
+the towers are only checked, on the meta device. `TextSources.keep` (`--keep-text-encoders`) keeps them loaded
+instead; `TextSources.t5_device` (`--t5-device cpu`) puts T5 on another device than the MMDiT (its output is moved to
+the MMDiT's). Reloading runs the same code on the same tensors, so results are bit-identical either way.
+
 CLIP-L and CLIP-G cannot be told apart by key names (both are transformers CLIP text models); the pair is checked
 against the MMDiT it feeds: CLIP-L's pooled output (unprojected) + CLIP-G's projected pooled output must be the
 MMDiT's vector width, their hidden widths must fit in its context width, and CLIP-G needs a text projection.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,7 +58,7 @@ LABEL = {"clip_l": "CLIP-L (OpenAI CLIP ViT-L/14 text encoder)", "clip_g": "CLIP
          "t5xxl": "T5-XXL encoder"}
 FILE_NAMES = {"clip_l": ("clip_l.safetensors",), "clip_g": ("clip_g.safetensors",),
               "t5xxl": ("t5xxl_fp16.safetensors", "t5xxl_bf16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
-                        "t5xxl.safetensors")}
+                        "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl.safetensors")}
 FOLDER_NAMES = ("text_encoders", "clip", "text_encoder")
 # diffusers' per-component folders (a pipeline folder beside the checkpoint): one model.safetensors each
 DIFFUSERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
@@ -64,6 +75,9 @@ class TextSources:
     folder: str | None = None          # --text-encoders DIR: searched before the folders near the checkpoint
     t5_tokenizer: str | None = None    # --t5-tokenizer PATH: spiece.model / tokenizer.json, or a folder with one
     t5: bool = True                    # False (--no-t5): T5 is not even loaded
+    bert_vocab: str | None = None      # --bert-vocab PATH: BERT's uncased vocab.txt for the LDM text models
+    keep: bool = False                 # True (--keep-text-encoders): the towers stay loaded between requests
+    t5_device: str | None = None       # --t5-device cpu: T5 on this device (None: the MMDiT's)
 
 
 class T5Tower(nn.Module):
@@ -73,6 +87,113 @@ class T5Tower(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- residency
+
+
+def _tensors(module: nn.Module):
+    for mod in module.modules():
+        yield from (t for t in mod._parameters.values() if t is not None)
+        yield from (t for t in mod._buffers.values() if t is not None)
+
+
+def _transplant(src: nn.Module, dst: nn.Module) -> None:
+    """`dst` takes every parameter and buffer (persistent or not) of `src`, a module of the same architecture;
+    a submodule shared in `dst` (T5's tied embedding) is filled once and stays shared."""
+    for name, mod in dst.named_modules():
+        other = src.get_submodule(name)
+        for k in mod._parameters:
+            mod._parameters[k] = other._parameters[k]
+        for k in mod._buffers:
+            mod._buffers[k] = other._buffers[k]
+
+
+def _drop(module: nn.Module) -> None:
+    """Every tensor of `module` replaced by a meta tensor of its shape and dtype: the memory is freed, the module
+    object (and whatever refers to it) stays."""
+    for mod in module.modules():
+        for k, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[k] = nn.Parameter(p.to("meta"), requires_grad=False)
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = b.to("meta")
+
+
+class Resident:
+    """When one text tower's weights are in memory: loaded by `load()` (a fresh module from the file) when a request
+    uses the tower, dropped after the last user is done unless `keep`. Thread-safe: concurrent requests share one
+    load."""
+
+    def __init__(self, module: nn.Module, load: Callable[[], nn.Module], keep: bool):
+        self.module, self.load, self.keep = module, load, keep
+        self._lock = threading.Lock()
+        self._users = 0
+
+    @property
+    def loaded(self) -> bool:
+        return not any(t.is_meta for t in _tensors(self.module))
+
+    @contextmanager
+    def use(self):
+        with self._lock:
+            if not self.loaded:
+                _transplant(self.load(), self.module)
+            self._users += 1
+        try:
+            yield self.module
+        finally:
+            with self._lock:
+                self._users -= 1
+                if not self._users and not self.keep:
+                    _drop(self.module)
+
+
+def use(tower: nn.Module):
+    """`with use(tower) as module:` the tower with its weights loaded for the block (a tower without a Resident, as
+    in tests that build towers by hand, is used as it is)."""
+    res = getattr(tower, "resident", None)
+    return res.use() if res is not None else nullcontext(tower)
+
+
+def resident(towers) -> list[bool]:
+    """Which of `towers` hold their weights now."""
+    return [getattr(t, "resident", None) is None or t.resident.loaded for t in towers]
+
+
+def _meta_tensors(obj, prefix: str) -> dict[str, Tensor]:
+    """The file's tensors under `prefix` as meta tensors (shapes only, nothing read): for checking a file."""
+    return {k[len(prefix):]: torch.empty(s, device="meta") for k, s in obj.shapes().items() if k.startswith(prefix)}
+
+
+def _load_clip(obj, prefix: str, cfg: TextEncoderConfig, device, dtype, meta: bool = False) -> nn.Module:
+    enc = load_sd3_clip(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), cfg)
+    return enc.to(device="meta" if meta else device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _load_t5(obj, prefix: str, tok: SentencePieceTokenizer, device, dtype, meta: bool = False) -> "T5Tower":
+    t5 = load_t5(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), device="meta" if meta else device,
+                 dtype=dtype)
+    return T5Tower(t5.requires_grad_(False), tok)
+
+
+def _resident(load: Callable[..., nn.Module], keep: bool) -> nn.Module:
+    """The tower `load` builds: loaded now (keep), or checked on the meta device and loaded on first use."""
+    tower = load(meta=not keep)
+    tower.resident = Resident(tower, load, keep)
+    return tower
+
+
+def check_device(name: str | None, flag: str = "t5_device") -> str | None:
+    """A device name checked by torch (None stays None); ValueError in one line otherwise."""
+    if name is None:
+        return None
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {name}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    return name
 
 
 # ----------------------------------------------------------------------------------------------- finding files
@@ -283,10 +404,9 @@ def load_sd3_text(ckpt, context_dim: int, adm: int, sources: TextSources | None 
                               f"context width {context_dim}; expected CLIP-L and CLIP-G of this model")
     for cfg, name, obj, prefix in configs:
         try:
-            enc = load_sd3_clip(obj.tensors(prefix), cfg)
+            towers.append(_resident(partial(_load_clip, obj, prefix, cfg, device, dtype), sources.keep))
         except ValueError as e:
             raise CheckpointError(f"{name}: {str(e).splitlines()[0][:300]}") from None
-        towers.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
     out_cfgs = [cfg for cfg, *_ in configs]
     used, notes = notes, []    # "CLIP-L from ...": one line for all; the fallbacks in lines of their own
 
@@ -310,10 +430,12 @@ def load_sd3_text(ckpt, context_dim: int, adm: int, sources: TextSources | None 
                      "--t5-tokenizer PATH; `python -m sd download` fetches it): running on CLIP-L/G alone")
         return done()
     tok = open_t5_tokenizer(tok_path)
+    t5_device = sources.t5_device if sources.t5_device is not None else device
     try:
-        t5 = load_t5(obj.tensors(prefix), device=device, dtype=dtype)
+        tower = _resident(partial(_load_t5, obj, prefix, tok, t5_device, dtype), sources.keep)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{name}: {str(e).splitlines()[0][:200]}; expected the {LABEL['t5xxl']}") from None
+    t5 = tower.model
     width = t5.config.d_model
     if width != context_dim:
         raise CheckpointError(f"{name}: a T5 encoder {width} wide, but the MMDiT's context is {context_dim} wide; "
@@ -321,10 +443,11 @@ def load_sd3_text(ckpt, context_dim: int, adm: int, sources: TextSources | None 
     if len(tok.encode("a")) and max(tok.encode("a photo")) >= t5.config.vocab_size:
         raise ValueError(f"{tok.path.name}: its ids exceed the T5 vocabulary ({t5.config.vocab_size}); expected "
                          "T5's own spiece.model")
-    used.append(f"{note} (tokenizer {_where(Path(tok.path), path)})")
-    towers.append(T5Tower(t5.requires_grad_(False), tok))
+    on = f", on {torch.device(t5_device)}" if torch.device(t5_device) != torch.device(device) else ""
+    used.append(f"{note} (tokenizer {_where(Path(tok.path), path)}{on})")
+    towers.append(tower)
     return done()
 
 
-__all__ = ["TextSources", "T5Tower", "TextParts", "load_sd3_text", "search_folders", "find_file",
+__all__ = ["TextSources", "T5Tower", "TextParts", "Resident", "use", "resident", "check_device", "load_sd3_text", "search_folders", "find_file",
            "find_t5_tokenizer", "open_t5_tokenizer", "clip_config", "bundled_configs", "t5_tensors", "has_role"]

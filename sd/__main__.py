@@ -126,6 +126,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import GenerateParams, default_size, generate, load_model
 
     hires = _hires(args)   # refused before anything loads
+    if args.attention_maps:   # cross-attention maps (sd.attention_maps): the folder checked before anything loads
+        from .attention_maps import check_folder
+
+        check_folder(args.attention_maps)
+        if hires is not None:
+            raise ValueError("--attention-maps records one pass: leave out the hires fix (--hires-scale)")
     path = args.checkpoint
     if path is None:
         from .demo import DEMO_CHECKPOINT
@@ -179,6 +185,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .hires import generate_hires
 
         result = generate_hires(model, params, hires, callback=progress)
+    elif args.attention_maps:
+        from .attention_maps import generate_with_maps
+
+        result, maps = generate_with_maps(model, params, callback=progress)
     else:
         result = generate(model, params, callback=progress)
     print(file=sys.stderr)
@@ -195,6 +205,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         save_file({"latent": result.latents.contiguous()}, args.save_latent)
+    if args.attention_maps:
+        from .attention_maps import save_maps
+
+        save_maps(maps, result.images[0], args.attention_maps)
     print(json.dumps({"images": paths, "family": model.spec.family, "prediction": model.spec.prediction,
                       "seed": args.seed, "steps": args.steps}))
     return 0
@@ -292,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply this style of the styles file to the prompts (repeatable, applied in order)")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
+    g.add_argument("--attention-maps", default=None, metavar="DIR",
+                   help="record the cross-attention maps (DAAM): one PNG per prompt token + tokens.json in DIR")
     g.add_argument("--out", default="outputs/out.png")
     g.set_defaults(func=cmd_generate)
 

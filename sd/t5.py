@@ -11,6 +11,9 @@ State-dict names are transformers' (`shared.weight`, `encoder.block.N.layer.0.Se
 `text_encoders.t5xxl.transformer.` in an all-in-one SD3 checkpoint, nothing in a separate `t5xxl_*.safetensors`.
 The embedding may come as `shared.weight`, `encoder.embed_tokens.weight` or both (tied: one tensor is used).
 Weights stored as float16, bfloat16 or float8 (`t5xxl_fp8_e4m3fn`) are cast to the requested dtype on load.
+ComfyUI's scaled float8 files (`t5xxl_fp8_e4m3fn_scaled`: a `scaled_fp8` marker tensor and, per quantized Linear,
+a float32 `NAME.scale_weight`) are dequantized on load: weight = float32(NAME.weight) * scale_weight, as ComfyUI's
+scaled-fp8 ops compute it (comfy/ops.py); their `NAME.scale_input` (only used by fp8 matmuls) is dropped.
 
 Tokens (SD3 convention, as Stability's reference tokenizer wrapper): the first 226 characters of the prompt, split
 on spaces, each word encoded by the sentencepiece model on its own, then EOS (1), padded with 0 to at least 77;
@@ -95,7 +98,7 @@ def load_t5(tensors: dict[str, Tensor], device=None, dtype=torch.float32):
     `dtype` (float8 / float16 / bfloat16 files are upcast) and moved to `device`; with dtype float16 the
     feed-forward output projections (`wo`) stay in float32, as transformers keeps them, since T5's activations
     overflow float16 there. Raises ValueError naming missing, unexpected or mis-shaped keys."""
-    state = dict(tensors)
+    state, scales = split_scaled_fp8(tensors)
     emb = state.pop("shared.weight", None)
     alias = state.pop("encoder.embed_tokens.weight", None)
     if emb is None:
@@ -115,6 +118,8 @@ def load_t5(tensors: dict[str, Tensor], device=None, dtype=torch.float32):
 
     def cast(name: str, t: Tensor) -> Tensor:
         to = torch.float32 if dtype == torch.float16 and name.endswith("DenseReluDense.wo.weight") else dtype
+        if name in scales:   # scaled fp8: float32(weight) * scale_weight, one tensor at a time
+            return (t.to(device=device).float() * scales[name].to(device=device).float()).to(to)
         return t.to(device=device).to(to)  # float8 -> float32 / bf16 / fp16 is a plain cast
 
     state = {k: cast(k, v) for k, v in state.items()}
@@ -122,6 +127,29 @@ def load_t5(tensors: dict[str, Tensor], device=None, dtype=torch.float32):
     model.load_state_dict(state, strict=True, assign=True)
     model.encoder.embed_tokens = model.shared  # keep the tie (assign replaced both parameters)
     return model.eval()
+
+
+def split_scaled_fp8(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(weights, {weight key: its scale}) of a state dict: ComfyUI's scaled fp8 layout (`scaled_fp8` marker,
+    `NAME.scale_weight` per Linear, `NAME.scale_input` optional) split into the plain keys and the scales by which
+    each `NAME.weight` is to be multiplied; a file without the marker comes back as it is with no scales. A `scale_weight`
+    without its weight, or a scale that is not one number, is a ValueError naming the key."""
+    state = dict(tensors)
+    if "scaled_fp8" not in state:   # without the marker, scale keys are unexpected (strict loading names them)
+        return state, {}
+    state.pop("scaled_fp8", None)
+    scales = {}
+    for k in [k for k in state if k.endswith((".scale_weight", ".scale_input"))]:
+        v = state.pop(k)
+        if k.endswith(".scale_input"):
+            continue
+        w = k[: -len("scale_weight")] + "weight"
+        if w not in state:
+            raise ValueError(f"T5 keys do not match: {k} scales a missing {w}")
+        if v.numel() != 1:
+            raise ValueError(f"T5 keys do not match: {k} has shape {list(v.shape)}, expected one number")
+        scales[w] = v.reshape(())
+    return state, scales
 
 
 @torch.no_grad()

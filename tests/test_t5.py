@@ -105,6 +105,50 @@ def test_low_precision_files_are_upcast(tmp_path, file_dtype) -> None:
     assert 0 < err < (0.3 if file_dtype == torch.float8_e4m3fn else 0.05)  # rounded, not garbage
 
 
+LINEARS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o", "DenseReluDense.wi_0",
+           "DenseReluDense.wi_1", "DenseReluDense.wo")
+
+
+@torch.no_grad()
+def test_comfyui_scaled_fp8_file_loads_by_the_formula(tmp_path) -> None:
+    """t5xxl_fp8_e4m3fn_scaled.safetensors as ComfyUI writes it: a `scaled_fp8` marker (an empty float8 tensor), each
+    Linear weight stored as float8(w / s) with s = amax(|w|) / 448 in `NAME.scale_weight` (float32, one number), a
+    `scale_input` on some; norms and the embedding in fp16. Loaded weight = float32(fp8) * scale_weight, exactly."""
+    from sd.text_encoders import find_file
+
+    tensors = _t5_tensors()
+    stored, scales = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in tensors.items():
+        if k.endswith(".weight") and any(f".{n}." in k for n in LINEARS):
+            s = (v.abs().max() / 448).float()
+            stored[k] = (v / s).to(torch.float8_e4m3fn)
+            stored[k[: -len("weight")] + "scale_weight"] = s.reshape(())
+            scales[k] = s
+        else:
+            stored[k] = v.half()
+    stored["encoder.block.0.layer.0.SelfAttention.q.scale_input"] = torch.tensor(1.0)
+    assert len(scales) == 2 * len(LINEARS)   # two blocks
+    path = tmp_path / "text_encoders" / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
+    assert find_file("t5xxl", [path.parent]) == path
+    model = load_t5(load_file(str(path)), dtype=torch.float32)
+    q = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    want = stored[q].float() * scales[q]
+    assert want.abs().max() > 0 and torch.equal(model.state_dict()[q], want)
+    by_hand = {k: (stored[k].float() * scales[k] if k in scales else stored[k].float()) for k in tensors}
+    tokens = torch.tensor([[5, 9, 17, 3, 1] + [0] * 72])
+    out = encode_t5(model, tokens)
+    assert torch.equal(out, encode_t5(load_t5(by_hand), tokens))
+    full = encode_t5(load_t5(tensors), tokens)
+    err = ((out - full).abs().max() / full.abs().max()).item()
+    assert 0 < err < 0.3   # fp8 rounding, not garbage (an unscaled load of the fp8 values would be off by 1/s)
+    unscaled = encode_t5(load_t5({k: v for k, v in stored.items() if "scale" not in k}), tokens)
+    assert ((unscaled - full).abs().max() / full.abs().max()).item() > 0.5
+    with pytest.raises(ValueError, match="encoder.block.0.layer.0.SelfAttention.q.scale_weight scales a missing"):
+        load_t5({k: v for k, v in stored.items() if k != "encoder.block.0.layer.0.SelfAttention.q.weight"})
+
+
 @torch.no_grad()
 def test_half_precision_model_keeps_wo_in_float32() -> None:
     model = load_t5(_t5_tensors(), dtype=torch.float16)

@@ -27,7 +27,7 @@ from .denoiser import make_denoiser, noised, sgm_net, start_noise
 from .families import Family, check_inputs, detect, get_family
 from .guidance import cfg_denoiser
 from .loader import Components, load_components, probe_is_v, training_sigmas
-from .samplers import img2img_start, sample
+from .samplers import img2img_start, resolve_schedule, sample, sampler_sigmas
 from .schedules import get_sigmas
 
 Tensor = torch.Tensor
@@ -305,12 +305,18 @@ def network_net(model: LoadedModel):
 
 def sampling_sigmas(model: LoadedModel, p: GenerateParams) -> Tensor:
     """The (steps + 1,) sigmas the sampler walks: the family's (flow: from the request's shift) or the named
-    schedule over the training sigmas; truncated by the img2img strength when an init image is given."""
+    schedule over the training sigmas ("automatic": the sampler's A1111 default; DPM2 / DPM2 a / DPM++ 3M SDE
+    without the next-to-last sigma, sd.samplers.sampler_sigmas); truncated by the img2img strength when an init
+    image is given (A1111's setup_img2img_steps, sd.samplers.img2img_start)."""
     fam = model.family
+    schedule = resolve_schedule(p.schedule, p.sampler)
     if fam.sigmas_for is not None:
-        sigmas = fam.sigmas_for(p.schedule, p.steps, p.inputs or {})   # p.inputs: completed (request_inputs)
+        def build(n: int) -> Tensor:
+            return fam.sigmas_for(schedule, n, p.inputs or {})   # p.inputs: completed (request_inputs)
     else:
-        sigmas = get_sigmas(p.schedule, model.sigmas, p.steps)
+        def build(n: int) -> Tensor:
+            return get_sigmas(schedule, model.sigmas, n, ays_table=fam.ays_table)
+    sigmas = sampler_sigmas(build, p.steps, p.sampler)
     if p.init_image is not None and not any(i.name == "image" for i in fam.inputs):
         sigmas = img2img_start(sigmas, p.strength)
     return sigmas

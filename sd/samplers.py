@@ -616,13 +616,52 @@ DISPLAY_NAMES: dict[str, str] = {
 _SCHEDULE_SUFFIXES: dict[str, str] = {
     "karras": "karras",
     "exponential": "exponential",
+    "polyexponential": "polyexponential",
     "sgm uniform": "sgm_uniform",
+    "sgmuniform": "sgm_uniform",
+    "kl optimal": "kl_optimal",
+    "align your steps": "align_your_steps",
     "simple": "simple",
     "normal": "normal",
-    "uniform": "normal",
+    "uniform": "uniform",
     "beta": "beta",
     "ddim": "ddim_uniform",
 }
+
+# AUTOMATIC1111's sampler table (>= 1.9, `modules/sd_samplers_kdiffusion.py` samplers_k_diffusion options): the
+# schedule its "Automatic" means for each sampler (those without one use the model's own discretization,
+# k-diffusion get_sigmas = "uniform"), and the samplers with `discard_next_to_last_sigma`. DDIM is A1111's
+# timestep sampler (uniform DDIM timesteps); DDPM is not an A1111 sampler.
+A1111_AUTOMATIC: dict[str, str] = {
+    "dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_ancestral": "karras", "dpm_2": "karras",
+    "dpm_2_ancestral": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_3m_sde": "exponential",
+    "ddim": "ddim_uniform",
+}
+DISCARD_NEXT_TO_LAST_SIGMA = ("dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde")
+
+
+def resolve_schedule(schedule: str, sampler: str) -> str:
+    """The schedule key a request runs: A1111's "Automatic" becomes the sampler's default (A1111_AUTOMATIC, else
+    "uniform"); any other key or A1111 label is normalised (sd.schedules.schedule_key). Raises ValueError naming
+    the known labels for one we do not have."""
+    from .schedules import AUTOMATIC, SCHEDULE_DISPLAY_NAMES, schedule_key
+
+    key = schedule_key(schedule)
+    if key is None:
+        raise ValueError(f"unknown schedule type {schedule!r}: expected Automatic or one of "
+                         f"{', '.join(SCHEDULE_DISPLAY_NAMES.values())}")
+    return A1111_AUTOMATIC.get(sampler, "uniform") if key == AUTOMATIC else key
+
+
+def sampler_sigmas(build: Callable[[int], Tensor], steps: int, sampler: str) -> Tensor:
+    """The (steps + 1,) sigmas a sampler walks, from `build(n)` -> (n + 1,) sigmas of an n-step schedule. For the
+    samplers A1111 marks `discard_next_to_last_sigma` (DPM2, DPM2 a, DPM++ 3M SDE) it builds steps + 1 steps and
+    drops the next-to-last sigma (A1111 `get_sigmas`: `cat([sigmas[:-2], sigmas[-1:]])`), so the last step goes
+    from the third-to-last sigma straight to the end."""
+    if sampler not in DISCARD_NEXT_TO_LAST_SIGMA:
+        return build(steps)
+    sigmas = build(steps + 1)                                        # (steps + 2,)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])                     # (steps + 1,)
 
 
 def sampler_from_display(name: str) -> tuple[str, str | None]:
@@ -692,16 +731,29 @@ def sample(name: str, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generato
     return fn(denoiser, x, sigmas, generator=generator, callback=callback, stop=stop, **opts)
 
 
-def img2img_start(sigmas: Tensor, strength: float) -> Tensor:
-    """Truncated schedule for img2img at denoising strength s (A1111/k-diffusion convention: the full
-    `steps`-step schedule is built, and only its last k = round(steps * s) steps are run).
+def img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int, int]:
+    """(schedule steps, t_enc) as AUTOMATIC1111's `setup_img2img_steps` (modules/sd_samplers_common.py).
 
-    sigmas: (steps+1,) from a schedule. Returns sigmas[steps - k:], (k+1,); the caller starts from
-    `x = latent + noise * result[0]`. Strength 1 keeps every step (start at sigma_max), strength 0 keeps
-    none (result [0.], the image comes back unchanged). Rounding is half up.
-    """
+    Default: the `steps`-step schedule, `t_enc = int(min(strength, 0.999) * steps)`. fixed=True (A1111's "do
+    exactly the amount of steps the slider specifies", and its hires-fix second pass): a schedule of
+    `int(steps / min(strength, 0.999))` steps (0 at strength 0) with `t_enc = steps - 1`. Either way t_enc + 1
+    steps run, from `sigmas[schedule_steps - t_enc - 1]` (img2img_start)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if fixed:
+        return (int(steps / min(strength, 0.999)) if strength > 0 else 0), steps - 1
+    return steps, int(min(strength, 0.999) * steps)
+
+
+def img2img_start(sigmas: Tensor, strength: float) -> Tensor:
+    """Truncated schedule for img2img at denoising strength s, AUTOMATIC1111's rule (`setup_img2img_steps` and
+    KDiffusionSampler.sample_img2img): of the full `steps`-step schedule, `t_enc = int(min(s, 0.999) * steps)`
+    and `t_enc + 1` steps run from `sigmas[steps - t_enc - 1]`.
+
+    sigmas: (steps+1,) from a schedule. Returns sigmas[steps - t_enc - 1:], (t_enc + 2,); the caller starts from
+    `x = latent + noise * result[0]`. Strength 0.75 at 20 steps: t_enc 15, 16 steps from sigmas[4]; strength 1
+    runs every step from sigma_max; strength 0 still runs the last step (from sigmas[steps - 1]), as A1111 does.
+    """
     steps = sigmas.shape[0] - 1
-    k = int(math.floor(steps * strength + 0.5))
-    return sigmas[steps - k:]
+    _, t_enc = img2img_steps(steps, strength)
+    return sigmas[steps - t_enc - 1:]

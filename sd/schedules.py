@@ -1,7 +1,10 @@
 """Noise schedules: pure functions that turn a model's training sigmas into the sigmas a sampler visits.
 
-Every schedule returns a float32 CPU tensor of `steps + 1` sigmas, strictly decreasing, ending in 0.
-The names are the ones AUTOMATIC1111 and ComfyUI users know ("Karras", "Exponential", "SGM Uniform", ...).
+Every schedule returns a float32 CPU tensor of `steps + 1` sigmas, strictly decreasing, ending in 0 (one
+exception, kept as A1111 has it: "KL Optimal" ends at sigma_min). The names are the ones AUTOMATIC1111 and
+ComfyUI users know; `SCHEDULE_DISPLAY_NAMES` holds every label A1111 (>= 1.9, `modules/sd_schedulers.py`) writes
+in the infotext's "Schedule type" except "Automatic", which is the sampler's own default
+(`sd.samplers.resolve_schedule`).
 
 `model_sigmas` is the (T,) increasing tensor of training sigmas of a discrete model
 (`sd.denoiser.discrete_sigmas()`, T = 1000); sigma <-> fractional timestep conversions go through
@@ -131,6 +134,64 @@ def beta_sigmas(model_sigmas: Tensor, steps: int, alpha: float = 0.6, beta: floa
     return _finish(t_to_sigma(t, model_sigmas))
 
 
+def uniform_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"Uniform" (A1111 `uniform` = k-diffusion `DiscreteSchedule.get_sigmas`, the schedule of A1111 < 1.9 for
+    sampler names without a schedule suffix): `t_to_sigma(linspace(T-1, 0, steps))`, then 0. A1111's "Normal"
+    computes the same timesteps as `linspace(sigma_to_t(sigma_max), sigma_to_t(sigma_min), steps)`, which are
+    T-1 and 0, so both labels give these sigmas."""
+    return normal_sigmas(model_sigmas, steps)
+
+
+def polyexponential_sigmas(model_sigmas: Tensor, steps: int, rho: float = 1.0) -> Tensor:
+    """"Polyexponential" (k-diffusion `get_sigmas_polyexponential`, A1111's default rho 1):
+    `exp(log smin + (1 - i/(n-1))^rho (log smax - log smin))`, i in 0..n-1, then 0 (rho 1 = "Exponential")."""
+    steps = _check_steps(steps)
+    smin, smax = float(model_sigmas[0]), float(model_sigmas[-1])
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho  # (steps,)
+    return _finish(torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)))
+
+
+def kl_optimal_sigmas(model_sigmas: Tensor, steps: int) -> Tensor:
+    """"KL Optimal": Sabour et al. 2024, "Align Your Steps" (sec. 3.3, the KL-optimal schedule of a Gaussian
+    data distribution), as A1111 writes it: `tan((1 - i/n) atan(smax) + (i/n) atan(smin))` for i in 0..n.
+    A1111 returns these n + 1 values as they are, so the last step ends at sigma_min, not 0 (kept: it is
+    what an A1111 infotext with this label ran)."""
+    steps = _check_steps(steps)
+    smin, smax = float(model_sigmas[0]), float(model_sigmas[-1])
+    frac = torch.arange(steps + 1, dtype=torch.float64) / steps  # (steps + 1,)
+    out = torch.tan(frac * math.atan(smin) + (1 - frac) * math.atan(smax))
+    return out.to(torch.float32)
+
+
+# NVIDIA's published 10-step Align Your Steps noise levels (Sabour et al. 2024; research.nvidia.com/labs/
+# toronto-ai/AlignYourSteps/howto.html), to three decimals as A1111's `get_align_your_steps_sigmas` has them.
+AYS_TABLES: dict[str, tuple[float, ...]] = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def loglinear_interp(values: tuple[float, ...] | np.ndarray, n: int) -> np.ndarray:
+    """n values along a decreasing sequence, interpolated linearly in log(value) over an evenly spaced index
+    (the AYS howto's `loglinear_interp`). Returns (n,) float64, decreasing."""
+    ys = np.log(np.asarray(values, dtype=np.float64)[::-1])  # increasing
+    out = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(values)), ys)
+    return np.exp(out)[::-1].copy()
+
+
+def align_your_steps_sigmas(model_sigmas: Tensor, steps: int, table: str = "sd1") -> Tensor:
+    """"Align Your Steps" as A1111 builds it: the family's NVIDIA table (`AYS_TABLES`; A1111: SDXL's for SDXL
+    models, SD 1.5's for every other), log-linearly interpolated to `steps` values, then 0. At steps == 11 A1111
+    takes the 11 published values as they are and appends 0 (so 11 steps walk the published 10-step levels).
+    The model's own sigmas are not used. (steps + 1,) float32."""
+    steps = _check_steps(steps)
+    if table not in AYS_TABLES:
+        raise ValueError(f"no Align Your Steps table {table!r}: expected one of {', '.join(AYS_TABLES)}")
+    levels = AYS_TABLES[table]
+    vals = np.asarray(levels) if steps == len(levels) else loglinear_interp(levels, steps)
+    return _finish(torch.from_numpy(np.ascontiguousarray(vals)))
+
+
 SCHEDULES: dict[str, Callable[[Tensor, int], Tensor]] = {
     "normal": normal_sigmas,
     "karras": karras_sigmas,
@@ -139,6 +200,10 @@ SCHEDULES: dict[str, Callable[[Tensor, int], Tensor]] = {
     "simple": simple_sigmas,
     "ddim_uniform": ddim_uniform_sigmas,
     "beta": beta_sigmas,
+    "uniform": uniform_sigmas,
+    "polyexponential": polyexponential_sigmas,
+    "kl_optimal": kl_optimal_sigmas,
+    "align_your_steps": align_your_steps_sigmas,
 }
 
 # How A1111 spells them ("Schedule type" field of the infotext, and the suffix of old sampler names).
@@ -150,17 +215,37 @@ SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
     "simple": "Simple",
     "ddim_uniform": "DDIM",
     "beta": "Beta",
+    "uniform": "Uniform",
+    "polyexponential": "Polyexponential",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
 }
+AUTOMATIC = "automatic"   # A1111's "Automatic": the sampler's default schedule (sd.samplers.resolve_schedule)
 
 
-def get_sigmas(schedule: str, model_sigmas: Tensor, steps: int) -> Tensor:
-    """Sigmas of the named schedule: (steps + 1,) float32 CPU, decreasing, ending in 0.
-    `schedule` is a key of SCHEDULES or its A1111 label ("Karras", "SGM Uniform"), any case."""
-    by_label = {v.lower(): k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
-    fn = SCHEDULES.get(schedule) or SCHEDULES.get(by_label.get(str(schedule).strip().lower(), ""))
-    if fn is None:
-        raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
-    return fn(model_sigmas.detach().to("cpu", torch.float32), steps)
+def schedule_key(schedule: str) -> str | None:
+    """A key of SCHEDULES (or AUTOMATIC) for a key or an A1111 label in any case ("SGM Uniform", "SGMUniform",
+    "karras", "Automatic"); None for a label we do not have."""
+    key = " ".join(str(schedule).strip().split()).lower()
+    if key in SCHEDULES or key == AUTOMATIC:
+        return key
+    labels = {v.lower(): k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
+    labels.update({"sgmuniform": "sgm_uniform", "ddim uniform": "ddim_uniform"})   # A1111's alias
+    return labels.get(key) or (key.replace(" ", "_") if key.replace(" ", "_") in SCHEDULES else None)
+
+
+def get_sigmas(schedule: str, model_sigmas: Tensor, steps: int, ays_table: str = "sd1") -> Tensor:
+    """Sigmas of the named schedule: (steps + 1,) float32 CPU, decreasing, ending in 0 (KL Optimal: in sigma_min).
+    `schedule` is a key of SCHEDULES or its A1111 label ("Karras", "SGM Uniform"), any case ("automatic" must be
+    resolved by the sampler first: sd.samplers.resolve_schedule). `ays_table`: the family's Align Your Steps table."""
+    key = schedule_key(schedule)
+    if key is None or key == AUTOMATIC:
+        why = " (resolve it for the sampler first)" if key == AUTOMATIC else ""
+        raise ValueError(f"unknown schedule {schedule!r}{why}: expected one of {', '.join(SCHEDULES)}")
+    ms = model_sigmas.detach().to("cpu", torch.float32)
+    if key == "align_your_steps":
+        return align_your_steps_sigmas(ms, steps, ays_table)
+    return SCHEDULES[key](ms, steps)
 
 
 def flow_sigmas(steps: int, shift: float = 3.0) -> Tensor:
@@ -187,7 +272,10 @@ def flow_schedule(schedule: str, steps: int, shift: float = 3.0) -> Tensor:
     """Sampler sigmas of a flow model (SD3 / 3.5): "normal" is the reference's (`flow_sigmas`); every other
     schedule (karras, exponential, sgm_uniform, simple, ddim_uniform, beta) runs over the shifted flow training
     sigmas, between their sigma_min flow_sigma(0.001) and sigma_max 1. (steps + 1,) float32, ending in 0."""
-    key = str(schedule).strip().lower()
-    if key == "normal":
+    key = schedule_key(schedule)
+    if key in ("normal", "uniform"):
         return flow_sigmas(steps, shift)
+    if key == "align_your_steps":   # the tables are noise levels of the discrete SD1 / SDXL schedule (up to 14.6)
+        raise ValueError("Align Your Steps has tables for SD 1.x / SDXL sigmas only; pick another schedule for a "
+                         "flow model")
     return get_sigmas(schedule, flow_training_sigmas(shift), steps)

@@ -269,18 +269,19 @@ def test_display_names():
 
 
 def test_img2img_start_truncates():
+    """A1111's setup_img2img_steps: t_enc = int(min(s, 0.999) * steps), t_enc + 1 steps from sigmas[steps - t_enc - 1]."""
     sigmas = get_sigmas("karras", MS, 20)
-    torch.testing.assert_close(img2img_start(sigmas, 1.0), sigmas)
-    torch.testing.assert_close(img2img_start(sigmas, 0.5), sigmas[10:])
-    assert img2img_start(sigmas, 0.125).shape == (4,)  # 2.5 steps round half up to 3
-    assert img2img_start(sigmas, 0.0).tolist() == [0.0]
+    torch.testing.assert_close(img2img_start(sigmas, 1.0), sigmas)        # t_enc 19: all 20 steps
+    torch.testing.assert_close(img2img_start(sigmas, 0.5), sigmas[9:])    # t_enc 10: 11 steps
+    assert img2img_start(sigmas, 0.125).shape == (4,)                     # t_enc int(2.5) = 2: 3 steps
+    torch.testing.assert_close(img2img_start(sigmas, 0.0), sigmas[19:])   # t_enc 0: A1111 still runs the last step
     with pytest.raises(ValueError):
         img2img_start(sigmas, 1.5)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_img2img_every_sampler(name):
-    """Start at strength 0.6 of 30 steps: 18 steps from sigmas[12], from `latent + noise * sigma_start`.
+    """Start at strength 0.6 of 30 steps: t_enc 18, 19 steps from sigmas[11], from `latent + noise * sigma_start`.
     Deterministic samplers land on the exact ODE solution from sigma_start (within 1%; first order 5%)."""
     sigmas = img2img_start(get_sigmas("karras", MS, 30), 0.6)
     latent, n = noise(seed=5) * S, noise(seed=6)
@@ -288,7 +289,7 @@ def test_img2img_every_sampler(name):
     seen = []
     out = SAMPLERS[name](gauss_D, latent + n * s0, sigmas, generator=torch.Generator().manual_seed(0),
                          callback=seen.append)
-    assert len(seen) == 18 and seen[0]["sigma"] == pytest.approx(float(get_sigmas("karras", MS, 30)[12]))
+    assert len(seen) == 19 and seen[0]["sigma"] == pytest.approx(float(get_sigmas("karras", MS, 30)[11]))
     if name in DETERMINISTIC:
         exact = (latent + n * s0).double() * S / math.sqrt(S**2 + s0**2)
         err = float((out.double() - exact).norm() / exact.norm())

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from sd.denoiser import discrete_sigmas, t_to_sigma
-from sd.schedules import SCHEDULES, beta_ppf, beta_sigmas, flow_sigmas, get_sigmas
+from sd.schedules import (SCHEDULE_DISPLAY_NAMES, SCHEDULES, beta_ppf, beta_sigmas, flow_schedule, flow_sigmas,
+                          get_sigmas, polyexponential_sigmas, schedule_key)
 
 MS = discrete_sigmas()  # (1000,) SD training sigmas
+
+
+OWN_RANGE = ("align_your_steps", "kl_optimal")  # NVIDIA's table / ending in sigma_min: tested on their own below
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -18,9 +22,91 @@ MS = discrete_sigmas()  # (1000,) SD training sigmas
 def test_contract(name, steps):
     s = get_sigmas(name, MS, steps)
     assert s.dtype == torch.float32 and s.device.type == "cpu" and s.shape == (steps + 1,)
-    assert float(s[-1]) == 0.0
     assert bool((s[1:] < s[:-1]).all()), s
+    if name in OWN_RANGE:
+        return
+    assert float(s[-1]) == 0.0
     assert float(s[0]) <= float(MS[-1]) * (1 + 1e-6) and float(s[-2]) >= float(MS[0]) * (1 - 1e-6)
+
+
+def test_every_a1111_label():
+    """The "Schedule type" labels A1111 1.9+ writes (modules/sd_schedulers.py) all name a schedule here."""
+    labels = ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps",
+              "Simple", "Normal", "DDIM", "Beta"]
+    assert sorted(SCHEDULE_DISPLAY_NAMES.values()) == sorted(labels)
+    assert [schedule_key(x) for x in labels] == ["uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
+                                                 "kl_optimal", "align_your_steps", "simple", "normal", "ddim_uniform",
+                                                 "beta"]
+    assert schedule_key("SGMUniform") == "sgm_uniform" and schedule_key("Automatic") == "automatic"
+    assert schedule_key("Karras Exponential") is None
+    with pytest.raises(ValueError, match="resolve it for the sampler"):
+        get_sigmas("Automatic", MS, 10)
+
+
+def test_uniform_is_k_diffusion_get_sigmas():
+    """A1111 "Uniform" = k-diffusion DiscreteSchedule.get_sigmas: t_to_sigma(linspace(999, 0, n)), then 0."""
+    s = get_sigmas("Uniform", MS, 10)
+    torch.testing.assert_close(s[:-1], t_to_sigma(torch.linspace(999, 0, 10), MS), rtol=1e-6, atol=0)
+    assert torch.equal(s, get_sigmas("normal", MS, 10)) and float(s[-1]) == 0.0
+
+
+def test_polyexponential_formula():
+    """k-diffusion get_sigmas_polyexponential: exp(log smin + (1 - i/(n-1))^rho (log smax - log smin)); A1111's rho 1
+    is the exponential schedule."""
+    smin, smax = float(MS[0]), float(MS[-1])
+    s = get_sigmas("Polyexponential", MS, 5)
+    expect = [math.exp(math.log(smin) + (1 - i / 4) * (math.log(smax) - math.log(smin))) for i in range(5)] + [0.0]
+    torch.testing.assert_close(s, torch.tensor(expect), rtol=1e-6, atol=0)
+    torch.testing.assert_close(s, get_sigmas("exponential", MS, 5), rtol=1e-6, atol=0)
+    s2 = polyexponential_sigmas(MS, 5, rho=2.0)
+    expect2 = [math.exp(math.log(smin) + (1 - i / 4) ** 2 * (math.log(smax) - math.log(smin))) for i in range(5)]
+    torch.testing.assert_close(s2[:-1], torch.tensor(expect2), rtol=1e-6, atol=0)
+
+
+def test_kl_optimal_formula():
+    """A1111 kl_optimal: tan((1 - i/n) atan(smax) + (i/n) atan(smin)) for i = 0..n; the last value is sigma_min."""
+    smin, smax = float(MS[0]), float(MS[-1])
+    s = get_sigmas("KL Optimal", MS, 4)
+    expect = [math.tan((1 - i / 4) * math.atan(smax) + i / 4 * math.atan(smin)) for i in range(5)]
+    torch.testing.assert_close(s, torch.tensor(expect), rtol=1e-6, atol=0)
+    assert s.shape == (5,) and math.isclose(float(s[0]), smax, rel_tol=1e-6) and math.isclose(float(s[-1]), smin,
+                                                                                               rel_tol=1e-6)
+    assert math.isclose(float(s[2]), math.tan((math.atan(smax) + math.atan(smin)) / 2), rel_tol=1e-6)  # 1.0787
+
+
+SD1_AYS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]   # NVIDIA's published
+SDXL_AYS = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]  # 10-step levels
+
+
+def _loglinear(table: list[float], n: int) -> list[float]:
+    """The AYS howto's interpolation written out: position k/(n-1) along the reversed table, linear in log."""
+    r = [math.log(v) for v in reversed(table)]
+    out = []
+    for k in range(n):
+        x = k / (n - 1) * (len(table) - 1)
+        j = min(int(x), len(table) - 2)
+        out.append(math.exp(r[j] + (x - j) * (r[j + 1] - r[j])))
+    return out[::-1]
+
+
+def test_align_your_steps_tables():
+    """11 steps: the published values and 0 (A1111 takes the table as is at n == 11); 10 / 20 / 30 steps: the
+    log-linear interpolation of the table to n values, then 0; SDXL's table for families that declare it."""
+    torch.testing.assert_close(get_sigmas("Align Your Steps", MS, 11), torch.tensor(SD1_AYS + [0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(get_sigmas("align_your_steps", MS, 11, ays_table="sdxl"), torch.tensor(SDXL_AYS + [0.0]),
+                               rtol=0, atol=0)
+    for n in (10, 20, 30):
+        for name, table in (("sd1", SD1_AYS), ("sdxl", SDXL_AYS)):
+            s = get_sigmas("Align Your Steps", MS, n, ays_table=name)
+            torch.testing.assert_close(s, torch.tensor(_loglinear(table, n) + [0.0]), rtol=1e-6, atol=0)
+            assert float(s[0]) == pytest.approx(14.615) and float(s[-2]) == pytest.approx(0.029)
+    s20 = get_sigmas("Align Your Steps", MS, 20)
+    # index 2 of 20 sits at 2/19 * 10 = 1.053 table positions: just past the 2nd level, linear in log
+    assert float(s20[2]) == pytest.approx(math.exp(math.log(6.475) + (20 / 19 - 1) * math.log(3.861 / 6.475)), rel=1e-6)
+    from sd.families import get_family
+    assert get_family("sdxl-base").ays_table == "sdxl" and get_family("sd1").ays_table == "sd1"
+    with pytest.raises(ValueError, match="flow model"):
+        flow_schedule("Align Your Steps", 10)
 
 
 def test_unknown_schedule_names_choices():

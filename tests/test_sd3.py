@@ -414,7 +414,7 @@ def test_img2img_starts_on_the_flow_path(bundled) -> None:
     p = GenerateParams(prompt=PROMPT, width=32, height=32, steps=6, cfg=3.0, seed=5, init_image=img, strength=0.5)
     got = generate(model, p)
     sigmas = img2img_start(flow_sigmas(6, 3.0), 0.5)
-    assert 0.5 < sigmas[0] < 1 and got.steps_done == len(sigmas) - 1 == 3
+    assert 0.5 < sigmas[0] < 1 and got.steps_done == len(sigmas) - 1 == 4   # A1111: t_enc int(0.5 * 6) = 3, 4 steps
     z = model.parts.vae.encode(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None])
     z0 = encode_image(model, img, 32, 32)
     assert torch.allclose(z0, (z - 0.0609) * 1.5305)

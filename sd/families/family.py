@@ -119,6 +119,8 @@ class Family:
                                                # the family's guidance (SD3.5: CFG + skip-layer); None: CFG
     request_notes: Callable[[Any, ModelSpec, Any], tuple[str, ...]] | None = None
                                                # (parts, spec, request) -> plain-words notes shown with a result
+    ays_table: str = "sd1"                     # which of NVIDIA's Align Your Steps tables the "Align Your Steps"
+                                               # schedule uses (sd.schedules.AYS_TABLES; A1111: "sdxl" for SDXL)
 
     @property
     def runs(self) -> bool:

@@ -124,6 +124,7 @@ SDXL_BASE = Family(
     name="sdxl-base", label="SDXL base", tab="sdxl", matches=two_towers, build=build_base, latent=LATENT,
     condition=base_condition, vector_width=lambda texts, unet: pooled_width(texts) + 6 * FOURIER_DIM,
     empty_negative=EMPTY_NEGATIVE, default_size=1024, preview=RGB, infotext=base_infotext,
+    ays_table="sdxl",
 )
 
 SDXL_INPAINT = Family(
@@ -132,12 +133,14 @@ SDXL_INPAINT = Family(
     check=inpaint_check, vector_width=lambda texts, unet: pooled_width(texts) + 6 * FOURIER_DIM,
     empty_negative=EMPTY_NEGATIVE, default_size=1024, preview=RGB,
     infotext=lambda kw: {**base_infotext(kw), **inpaint_infotext(kw)},
+    ays_table="sdxl",
 )
 
 SDXL_REFINER = Family(
     name="sdxl-refiner", label="SDXL refiner", tab="sdxl", matches=bigg_alone, build=build_refiner, latent=LATENT,
     condition=refiner_condition, vector_width=lambda texts, unet: pooled_width(texts) + 5 * FOURIER_DIM,
     empty_negative=EMPTY_NEGATIVE, default_size=1024, refines=("sdxl-base",), preview=RGB, infotext=refiner_infotext,
+    ays_table="sdxl",
 )
 
 FAMILIES = (SDXL_BASE, SDXL_INPAINT, SDXL_REFINER)

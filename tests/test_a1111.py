@@ -1,0 +1,68 @@
+"""The AUTOMATIC1111-exact details (issue 12 item 6), each pinned with numbers: img2img steps (setup_img2img_steps),
+discard_next_to_last_sigma, "Automatic" schedules, 75-token chunking with the comma backtrack and BREAK, batch seeds
+s + i (ImageRNG), CLIP / OpenCLIP text cleaning, PNG Info's schedule and tab guesses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd.denoiser import discrete_sigmas
+from sd.samplers import (A1111_AUTOMATIC, DISCARD_NEXT_TO_LAST_SIGMA, img2img_start, img2img_steps,
+                         resolve_schedule, sampler_sigmas)
+from sd.schedules import get_sigmas
+
+MS = discrete_sigmas()  # (1000,) SD training sigmas
+
+
+# ---------------------------------------------------------------------------------------------- img2img steps
+
+
+def test_img2img_steps_strength_075_of_20():
+    """t_enc = int(min(0.75, 0.999) * 20) = 15: 16 steps from sigmas[20 - 15 - 1] = sigmas[4] of the 20-step schedule."""
+    assert img2img_steps(20, 0.75) == (20, 15)
+    sigmas = get_sigmas("karras", MS, 20)
+    sched = img2img_start(sigmas, 0.75)
+    assert sched.shape == (17,) and torch.equal(sched, sigmas[4:])
+    smin, smax = float(MS[0]), float(MS[-1])
+    karras_4 = (smax ** (1 / 7) + 4 / 19 * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
+    assert float(sched[0]) == pytest.approx(karras_4, rel=1e-6) and karras_4 == pytest.approx(5.7894, abs=1e-4)
+    assert img2img_steps(20, 1.0) == (20, 19) and img2img_steps(20, 0.0) == (20, 0)   # 0.999 cap: 20 steps; 1 step
+    assert img2img_steps(20, 0.3) == (20, 6)                                         # int(6.000000000000001)
+
+
+def test_img2img_steps_fixed_branch():
+    """A1111's "exact steps" option and the hires second pass: int(steps / min(s, 0.999)) schedule steps, t_enc steps-1."""
+    assert img2img_steps(10, 0.5, fixed=True) == (20, 9)       # 10 steps from sigmas[20 - 9 - 1] = sigmas[10]
+    assert img2img_steps(10, 0.7, fixed=True) == (14, 9)       # int(14.2857)
+    assert img2img_steps(10, 1.0, fixed=True) == (10, 9)       # int(10 / 0.999) = 10
+    assert img2img_steps(10, 0.0, fixed=True) == (0, 9)
+
+
+# ---------------------------------------------------------------------------------------------- sampler table
+
+
+def test_discard_next_to_last_sigma():
+    """DPM2, DPM2 a, DPM++ 3M SDE: build steps + 1 and drop the next-to-last sigma (A1111 get_sigmas); others as is."""
+    assert set(DISCARD_NEXT_TO_LAST_SIGMA) == {"dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"}
+    full = get_sigmas("karras", MS, 21)                            # (22,)
+    smin, smax = float(MS[0]), float(MS[-1])
+    karras_19 = (smax ** (1 / 7) + 19 / 20 * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
+    for name in DISCARD_NEXT_TO_LAST_SIGMA:
+        s = sampler_sigmas(lambda n: get_sigmas("karras", MS, n), 20, name)
+        assert s.shape == (21,)                                    # 20 steps
+        assert torch.equal(s[:20], full[:20]) and float(s[-1]) == 0.0
+        assert float(s[-2]) == pytest.approx(karras_19, rel=1e-6)  # karras(21)[19] = 0.0473, not [20] = sigma_min
+    assert torch.equal(sampler_sigmas(lambda n: get_sigmas("karras", MS, n), 20, "euler"), get_sigmas("karras", MS, 20))
+
+
+def test_automatic_schedule_is_the_samplers_a1111_default():
+    assert resolve_schedule("Automatic", "dpmpp_2m") == "karras"
+    assert resolve_schedule("automatic", "dpmpp_2m_sde") == "exponential"
+    assert resolve_schedule("Automatic", "dpmpp_3m_sde") == "exponential"
+    assert resolve_schedule("Automatic", "dpm_2_ancestral") == "karras"
+    assert resolve_schedule("Automatic", "euler_ancestral") == "uniform"   # no scheduler option: get_sigmas
+    assert resolve_schedule("SGMUniform", "euler") == "sgm_uniform" and resolve_schedule("KL Optimal", "euler") == \
+        "kl_optimal"
+    assert set(A1111_AUTOMATIC.values()) <= {"karras", "exponential", "ddim_uniform"}
+    with pytest.raises(ValueError, match="unknown schedule type 'Karras Exponential'"):
+        resolve_schedule("Karras Exponential", "euler")

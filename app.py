@@ -41,6 +41,8 @@ from sd.schedules import SCHEDULE_DISPLAY_NAMES
 from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 from sd.vae_choice import AUTOMATIC, resolve_vae, vae_choices
 
+import app_extras  # hires fix, clip skip, styles, the extra-networks picker (issue 12)
+
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
 # Names of the generate tabs (a family's `tab` id); a tab id missing here is named after its first family.
@@ -101,6 +103,7 @@ def tab_inputs(tab: str) -> tuple[str, ...]:
     for inp in declared:
         if inp.name not in names:
             names.append(inp.name)
+    names += [n for n in app_extras.tab_params(fams) if n not in names]   # after the rest: old calls still work
     return tuple(names)
 
 
@@ -122,6 +125,7 @@ class AppContext:
     presets: dict = field(default_factory=load_presets)
     stops: dict = field(default_factory=dict)          # (session, tab) -> threading.Event of the running request
     lock: threading.Lock = field(default_factory=threading.Lock)
+    extras: object = None                              # app_extras.Extras: --styles, --loras-dir, --vae-dir ...
 
     def demo_available(self) -> bool:
         return self.demo_path is not None and self.demo_path.is_file()
@@ -299,6 +303,7 @@ MAX_BATCH_COUNT = 100
 PLAIN_DEFAULTS = {"prompt": "", "negative_prompt": "", "seed": -1, "batch_size": 1, "batch_count": 1, "vae": "Automatic",
                   "strength": 0.75, "prediction": "auto", "crop_top": 0, "crop_left": 0, "refiner": NO_REFINER,
                   "switch_at": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+PLAIN_DEFAULTS.update(app_extras.DEFAULTS)   # hires / clip skip / styles: off when left out
 
 
 def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
@@ -400,7 +405,8 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
         right = tab_of_family(spec.family)
         where = f"use the {tab_label(right)} tab (/generate_{right})" if right else "this app cannot run it yet"
         raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
-    vae = resolve_vae(s.get("vae"), path, ctx.index.root) if path != ctx.demo_path else None
+    vae = (resolve_vae(s.get("vae"), path, ctx.index.root, app_extras.extras_of(ctx).vae_dir)
+           if path != ctx.demo_path else None)
     model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae)
     refiner = None
     if s.get("refiner") and s["refiner"] != NO_REFINER:
@@ -424,13 +430,14 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     receives ("status", text) and ("step", (done, total, preview image or None)). Stop ends the run between steps
     and keeps what is done; `abandoned` (set when the client disconnected, together with `stop`) saves nothing."""
     report("status", "loading the model")
-    s = fill_defaults(ctx, tab, s)
+    s = app_extras.prepare(ctx, fill_defaults(ctx, tab, s))   # styles merged into the prompts
     seed = _num(s, "seed")
     seed = seed if seed >= 0 else random.randrange(2**32 - 1)
     count, steps = _num(s, "batch_count"), _num(s, "steps")
     if not 1 <= count <= MAX_BATCH_COUNT:
         raise ValueError(f"batch count must be between 1 and {MAX_BATCH_COUNT}, got {count}")
     _params(s, seed)  # refuse a malformed request before loading anything
+    app_extras.check(s)
     model, refiner = _load(ctx, tab, s)
     inputs, finish, notes = family_inputs(model.family, s, _num(s, "width"), _num(s, "height"))
     every = preview_every(steps)
@@ -453,7 +460,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
 
             res = generate_with_refiner(model, refiner, p, float(s["switch_at"]), callback=on_step, stop=stop)
         else:
-            res = generate(model, p, callback=on_step, stop=stop)
+            res = app_extras.run(ctx, s, model, p, callback=on_step, stop=stop)   # hires fix, clip skip
         done_steps += res.steps_done
         notes += [n for n in res.info.get("notes", []) if n not in notes]
         if abandoned is not None and abandoned.is_set():
@@ -617,7 +624,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["checkpoint"] = gr.Dropdown(tab_choices(ctx, tab, entries), value=value, label="Checkpoint",
                                               allow_custom_value=True, elem_id=f"{tab}-checkpoint", scale=5)
                 c["refresh"] = gr.Button("Refresh", scale=0, min_width=80, elem_id=f"{tab}-refresh")
-                c["vae"] = gr.Dropdown(vae_choices(ctx.index.root), value=AUTOMATIC, label="VAE", scale=2,
+                c["vae"] = gr.Dropdown(vae_choices(ctx.index.root, app_extras.extras_of(ctx).vae_dir), value=AUTOMATIC, label="VAE", scale=2,
                                        elem_id=f"{tab}-vae",
                                        info="Automatic: NAME.vae.safetensors beside the checkpoint, else its own")
                 if "prediction" in names:
@@ -661,6 +668,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
             if "refiner" in names:
                 _sdxl_controls(c, get, entries, tab)
             _family_option_controls(c, tab)
+            app_extras.build_controls(ctx, tab, c, fams)
         with gr.Column():
             with gr.Row():
                 c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
@@ -904,6 +912,7 @@ def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
                          ("negative_aesthetic_score", "negative_aesthetic_score")):
             if src in settings:
                 up[dst] = settings[src]
+    up.update(app_extras.send_values(settings, names))
     note = ""
     entries = ctx.index.scan()
     model = settings.get("model")
@@ -962,7 +971,7 @@ def refresh_all(ctx: AppContext, gen_tabs: dict[str, dict]):
     entries = ctx.index.scan()
     ups = [gr.Dropdown(choices=tab_choices(ctx, t, entries)) for t in gen_tabs]
     ups += [gr.Dropdown(choices=refiner_choices(entries)) for t in gen_tabs if "refiner" in gen_tabs[t]]
-    ups += [gr.Dropdown(choices=vae_choices(ctx.index.root)) for t in gen_tabs]
+    ups += [gr.Dropdown(choices=vae_choices(ctx.index.root, app_extras.extras_of(ctx).vae_dir)) for t in gen_tabs]
     return ups + [banner(ctx, entries), _future_text(ctx, waiting_presets(), by_tab(entries).get("variants", []))]
 
 
@@ -983,7 +992,8 @@ def default_dtype(dtype: str, device: str) -> str:
 
 def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
               cache: ModelCache | None = None, outputs_dir: str | os.PathLike = "outputs",
-              demo_path: Path | None | str = "default", concurrency: int = 2, queue_size: int = 32) -> gr.Blocks:
+              demo_path: Path | None | str = "default", concurrency: int = 2, queue_size: int = 32,
+              extras: app_extras.Extras | None = None) -> gr.Blocks:
     """The whole playground. `cache` may be shared (tests pass one); `demo_path` None disables the demo model.
     At most `queue_size` requests wait in Gradio's queue; past it a request is refused at once ("Queue is full")."""
     if demo_path == "default":
@@ -993,7 +1003,8 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
     device = default_device(device)
     ctx = AppContext(index=ModelIndex(resolve_models_dir(models_dir)), cache=cache or ModelCache(), device=device,
                      dtype=default_dtype(dtype, device), outputs_dir=Path(outputs_dir),
-                     demo_path=Path(demo_path) if demo_path else None, concurrency=concurrency)
+                     demo_path=Path(demo_path) if demo_path else None, concurrency=concurrency,
+                     extras=extras or app_extras.Extras())
     entries = ctx.index.scan()
     with gr.Blocks(title="Stable Diffusion playground") as demo:
         gr.Markdown("## Stable Diffusion series playground")
@@ -1034,6 +1045,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=2, help="generations that may run at once")
     ap.add_argument("--queue-size", type=int, default=32, help="requests that may wait; past it: 'Queue is full'")
     ap.add_argument("--max-upload-mb", type=float, default=32, help="largest file a client may upload")
+    app_extras.add_flags(ap)
     return ap.parse_args(argv)
 
 
@@ -1065,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         print(say, flush=True)
     cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None)
     demo = build_app(args.models_dir, args.device, args.dtype, cache=cache, outputs_dir=args.outputs_dir,
-                     concurrency=args.concurrency, queue_size=args.queue_size)
+                     concurrency=args.concurrency, queue_size=args.queue_size, extras=app_extras.from_args(args))
     Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 max_file_size=f"{int(args.max_upload_mb * 1024)}kb",

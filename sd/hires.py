@@ -31,7 +31,7 @@ from PIL import Image
 from .denoiser import noised
 from .pipeline import (GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents_info, encode_image,
                        generate, guided_denoiser, sampling_sigmas, seed_generator)
-from .samplers import sample
+from .samplers import img2img_steps, sample
 
 Tensor = torch.Tensor
 
@@ -92,9 +92,9 @@ def second_pass_sigmas(model: LoadedModel, p: GenerateParams, steps: int, denois
     """The (steps + 1,) sigmas pass 2 walks: A1111's setup_img2img_steps with `steps` given builds the request's
     schedule for total = int(steps / min(denoise, 0.999)) steps and runs sigmas[total - steps:] (k-diffusion
     sample_img2img: sigmas[total - t_enc - 1:] with t_enc = steps - 1)."""
-    total = int(steps / min(float(denoise), 0.999))
+    total, t_enc = img2img_steps(steps, float(denoise), fixed=True)           # (int(steps / min(s, .999)), steps - 1)
     full = sampling_sigmas(model, replace(p, steps=total, init_image=None))   # (total + 1,)
-    return full[total - steps:]
+    return full[total - t_enc - 1:]
 
 
 def upscale_latent(z: Tensor, size: tuple[int, int], upscaler: str) -> Tensor:

@@ -88,6 +88,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     spec = detect(ckpt.shapes(), prediction=prediction)
     device, dtype = torch.device(device), parse_dtype(dtype)
     parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources)
+    if vae is None and spec.vae is None:   # a file without a VAE (SD3.5 MMDiT-only): one from a vae/ folder
+        from .vae_choice import find_vae
+
+        vae = find_vae(path, spec.latent.channels)
+        if vae is not None:
+            where = vae.name if vae.parent == Path(path).parent else f"{vae.parent.name}/{vae.name}"
+            spec = replace(spec, notes=(*spec.notes, f"VAE from {where} (the checkpoint has none)"))
     if vae is not None:   # an external VAE file (sd.vae_choice.resolve_vae): strict, and it must fit the latent
         from .vae_choice import load_vae_for
 
@@ -421,6 +428,10 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
 
     if needs_networks(p, model):   # LoRAs, embeddings, an external VAE's infotext (sd.networks), then back here
         return run_with_networks(generate, model, p, callback=callback, stop=stop)
+    if model.parts.vae is None:   # no VAE in the file and none found beside it (sd.vae_choice.find_vae)
+        from .vae_choice import missing_vae
+
+        raise ValueError(missing_vae(model.path, model.family.label, model.spec.latent.channels))
     check_params(model.spec, p)
     g = seed_generator(p.seed)
     guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)

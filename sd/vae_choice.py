@@ -80,5 +80,51 @@ def infotext_fields(path: Path | None) -> dict[str, str]:
     return {"VAE hash": vae_hash(path), "VAE": Path(path).name}
 
 
-__all__ = ["AUTOMATIC", "NONE", "vae_files", "vae_choices", "beside", "resolve_vae", "vae_hash", "load_vae_for",
+# ----------------------------------------------------------------------------- a checkpoint without a VAE
+# (SD3.5 MMDiT-only files, any file saved without first_stage_model.*): where its VAE is looked for
+
+VAE_FOLDERS = ("vae", "VAE")
+
+
+def _latent_channels(path: Path) -> int | None:
+    """The latent channels a VAE file's decoder takes (decoder.conv_in.weight, bare or under first_stage_model.),
+    read from the header only; None for anything else."""
+    from .checkpoint import open_checkpoint
+
+    try:
+        shapes = open_checkpoint(path).shapes()
+    except (CheckpointError, OSError, ValueError):
+        return None
+    for key in ("decoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight"):
+        if len(shapes.get(key, ())) == 4:
+            return shapes[key][1]
+    return None
+
+
+def find_vae(checkpoint: str | os.PathLike, channels: int) -> Path | None:
+    """The VAE of a checkpoint that has none: `NAME.vae.safetensors` (.pt, .ckpt) beside it, else the first
+    .safetensors by name in a vae/ or VAE/ folder beside it, one folder up (models/VAE of models/checkpoints/x) or
+    two, whose decoder takes `channels` latent channels (header only). None when there is none."""
+    ckpt = Path(checkpoint)
+    if beside(ckpt) is not None:
+        return beside(ckpt)
+    for up in (ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent):
+        for name in VAE_FOLDERS:
+            folder = up / name
+            if folder.is_dir():
+                for f in sorted(folder.rglob("*.safetensors")):
+                    if f.is_file() and _latent_channels(f) == channels:
+                        return f
+    return None
+
+
+def missing_vae(checkpoint: str | os.PathLike, label: str, channels: int) -> str:
+    """The one line for a checkpoint without a VAE when none was found: what is missing and where to put it."""
+    ckpt = Path(checkpoint)
+    return (f"{ckpt.name} has no VAE (first_stage_model.*) and no VAE file was found for it: put a {label} VAE "
+            f"({channels} latent channels) as {ckpt.stem}.vae.safetensors beside it or in a vae/ folder beside it or "
+            "in the models folder, or choose one (--vae FILE; in the app the VAE dropdown)")
+
+
+__all__ = ["AUTOMATIC", "NONE", "vae_files", "find_vae", "missing_vae", "vae_choices", "beside", "resolve_vae", "vae_hash", "load_vae_for",
            "infotext_fields", "CheckpointError"]

@@ -59,12 +59,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ignored_by_rule": ignored,
         "unsupported": list(spec.unsupported),
     }
-    from dataclasses import replace
-
-    from .card import card_text   # the checkpoint card (markdown), a key of its own after the others
-
-    report["card"] = card_text(replace(spec, prediction=prediction, prediction_source=source), shapes,
-                               name=ckpt.path.name)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -153,9 +147,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None,
                           keep=args.keep_text_encoders, t5_device=check_device(args.t5_device, "--t5-device"))
-    from dataclasses import replace
-
-    sources = replace(sources, bert_vocab=args.bert_vocab)   # the LDM text models' BERT vocabulary (issue 11)
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources,
                        vae=_vae_file(args.vae, path))
     inputs = _request_inputs(args, model.family)
@@ -190,12 +181,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def progress(info: dict) -> None:
         print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
 
-    rec = None
-    if args.trajectory:   # x_t, the predicted x0 and noise per step (sd.trajectory); recording changes nothing
-        from .trajectory import Recorder
-
-        rec = progress = Recorder(model.spec.prediction, model.spec.family, progress)
-
     if hires is not None:   # A1111's two-pass hires fix (sd.hires)
         from .hires import generate_hires
 
@@ -220,8 +205,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         save_file({"latent": result.latents.contiguous()}, args.save_latent)
-    if rec is not None:   # one PNG per step per strip (cheap previews at the output size) + trajectory.json
-        rec.trajectory.save(args.trajectory, size=(args.width, args.height))
     if args.attention_maps:
         from .attention_maps import save_maps
 
@@ -274,9 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "text_encoders/ or clip/ beside the checkpoint or in the models folder)")
     g.add_argument("--t5-tokenizer", default=None, metavar="PATH",
                    help="SD3/3.5: T5's spiece.model or tokenizer.json (default: beside the T5 file)")
-    g.add_argument("--bert-vocab", default=None, metavar="PATH",
-                   help="LDM txt2img-f8-large / text2img256: BERT's uncased vocab.txt (default: beside the checkpoint, "
-                        "in the models folder or its text_encoders/ folder)")
     g.add_argument("--keep-text-encoders", action="store_true",
                    help="SD3/3.5: keep CLIP-L/G and T5 loaded between requests (default: loaded to encode the "
                         "prompts, freed before the MMDiT runs)")
@@ -326,8 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply this style of the styles file to the prompts (repeatable, applied in order)")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
-    g.add_argument("--trajectory", default=None, metavar="DIR",
-                   help="record the run: DIR/x_t, DIR/x0, DIR/noise (one PNG per step) and DIR/trajectory.json")
     g.add_argument("--attention-maps", default=None, metavar="DIR",
                    help="record the cross-attention maps (DAAM): one PNG per prompt token + tokens.json in DIR")
     g.add_argument("--out", default="outputs/out.png")

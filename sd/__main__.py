@@ -59,6 +59,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ignored_by_rule": ignored,
         "unsupported": list(spec.unsupported),
     }
+    from dataclasses import replace
+
+    from .card import card_text   # the checkpoint card (markdown), a key of its own after the others
+
+    report["card"] = card_text(replace(spec, prediction=prediction, prediction_source=source), shapes,
+                               name=ckpt.path.name)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -181,6 +187,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def progress(info: dict) -> None:
         print(f"\rstep {info['step'] + 1}/{info['total']}", end="", file=sys.stderr, flush=True)
 
+    rec = None
+    if args.trajectory:   # x_t, the predicted x0 and noise per step (sd.trajectory); recording changes nothing
+        from .trajectory import Recorder
+
+        rec = progress = Recorder(model.spec.prediction, model.spec.family, progress)
+
     if hires is not None:   # A1111's two-pass hires fix (sd.hires)
         from .hires import generate_hires
 
@@ -205,6 +217,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         save_file({"latent": result.latents.contiguous()}, args.save_latent)
+    if rec is not None:   # one PNG per step per strip (cheap previews at the output size) + trajectory.json
+        rec.trajectory.save(args.trajectory, size=(args.width, args.height))
     if args.attention_maps:
         from .attention_maps import save_maps
 
@@ -306,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply this style of the styles file to the prompts (repeatable, applied in order)")
     g.add_argument("--save-latent", default=None, help="also save the final latent to this .safetensors file")
+    g.add_argument("--trajectory", default=None, metavar="DIR",
+                   help="record the run: DIR/x_t, DIR/x0, DIR/noise (one PNG per step) and DIR/trajectory.json")
     g.add_argument("--attention-maps", default=None, metavar="DIR",
                    help="record the cross-attention maps (DAAM): one PNG per prompt token + tokens.json in DIR")
     g.add_argument("--out", default="outputs/out.png")

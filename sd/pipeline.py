@@ -440,8 +440,8 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
 
     def on_step(info: dict) -> None:
         done["n"] = info["step"] + 1
-        if callback is not None:
-            callback(info)
+        if callback is not None:   # the first step also reports the starting latent (sd.trajectory's x_t of step 0)
+            callback(info if info["step"] else {**info, "x_in": x})
 
     gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)  # per-step noise of ancestral samplers
     latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,

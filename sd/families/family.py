@@ -121,6 +121,11 @@ class Family:
                                                # (parts, spec, request) -> plain-words notes shown with a result
     ays_table: str = "sd1"                     # which of NVIDIA's Align Your Steps tables the "Align Your Steps"
                                                # schedule uses (sd.schedules.AYS_TABLES; A1111: "sdxl" for SDXL)
+    # --- the checkpoint card (sd.card): plain words a learner can follow
+    about: str = ""                            # what the family is and what it adds over the one before (one line)
+    evidence: tuple[str, ...] = ()             # the checkpoint keys (or prefixes, ending in ".") its matcher reads;
+                                               # a key prefixed "!" counts by its absence
+    conditioning: tuple[tuple[str, str], ...] = ()  # (crossattn / vector / concat / class, what it holds in words)
 
     @property
     def runs(self) -> bool:

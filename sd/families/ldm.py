@@ -198,12 +198,16 @@ def class_infotext(kw: dict) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ the table
 
 _COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod")
+# The checkpoint card's words (sd.card): what each LDM ("SD v0", Rombach et al. 2022) model is.
+_LDM = "the original latent diffusion model: a UNet denoising in a pretrained autoencoder's latent space"
+_CLASS_WORDS = (("crossattn", "the learned embedding of the ImageNet class (one token)"),)
 
 LDM_UNCOND = Family(
     text=False,
     name="ldm-uncond-vq-f4", label="LDM unconditional 256 (CelebA-HQ / FFHQ / LSUN bedrooms)", matches=uncond,
     build=build_plain, latent=VQ_F4, condition=no_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
     unet_config=_heads(per_head=32), preset="ldm-uncond", **_COMMON,
+    about=_LDM + " (VQ-f4), unconditional", evidence=("!" + COND, "first_stage_model.quantize.embedding.weight"),
     notes=("celeba256, ffhq256 and lsun_beds256 share this layout; only their weights differ",),
 )
 
@@ -213,6 +217,8 @@ LDM_CIN_V2 = Family(
     build=build_class, latent=VQ_F4, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY3,
     unet_config=_heads(count=1), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
     preset="ldm-cin256-v2", **_COMMON,
+    about=_LDM + " (VQ-f4), conditioned on an ImageNet class through cross-attention (class 1000 = none: CFG)",
+    evidence=(CLASS_KEY, "first_stage_model.quantize.embedding.weight"), conditioning=_CLASS_WORDS,
 )
 
 LDM_CIN = Family(
@@ -221,6 +227,8 @@ LDM_CIN = Family(
     build=build_class, latent=VQ_F8, condition=class_condition, schedule=(0.0015, 0.0195, 1000), preview=_GREY4,
     unet_config=_heads(per_head=32), inputs=(CLASS_INPUT,), check=check_class, infotext=class_infotext,
     preset="ldm-cin256", **_COMMON,
+    about=_LDM + " (VQ-f8), conditioned on an ImageNet class through cross-attention",
+    evidence=(CLASS_KEY, "first_stage_model.quantize.embedding.weight"), conditioning=_CLASS_WORDS,
     notes=("trained without the null class: classifier-free guidance is not available (the CFG scale is unused)",),
 )
 
@@ -248,6 +256,9 @@ LDM_BSR = Family(
     name="ldm-bsr-sr", label="LDM super-resolution 4x (bsr_sr)", matches=uncond, build=build_plain, latent=VQ_F4,
     concat=(("low_res", 3),), schedule=(0.0015, 0.0155, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
     condition=sr_condition, inputs=SR_INPUTS, preset="ldm-bsr-sr", **_COMMON,
+    about=_LDM + " (VQ-f4) for 4x super-resolution: the low-res image is appended to the latent",
+    evidence=("!" + COND, "first_stage_model.quantize.embedding.weight"),
+    conditioning=(("concat", "the low-resolution RGB image in [-1, 1] (3 channels) at the latent size"),),
 )
 
 LDM_SEMANTIC = Family(
@@ -257,12 +268,14 @@ LDM_SEMANTIC = Family(
     preview=_GREY3, unet_config=_heads(count=8), preset="ldm-waiting",
     parts=((MAPPER.rsplit(".", 1)[0] + ".", "segmentation channel mapper (semantic synthesis not run yet)"),),
     unsupported="not run yet: needs a segmentation map", **_COMMON,
+    about=_LDM + " (VQ-f4) from a segmentation map", evidence=(MAPPER,),
 )
 
 LDM_TXT_F8 = Family(
     name="ldm-txt2img-f8-large", label="LDM text-to-image (txt2img-f8-large, KL-f8)",
     matches=bert(True, _kl), build=build_plain, latent=KL_F8, schedule=(0.00085, 0.012, 1000), preview=_SD_RGB4,
-    unet_config=_heads(count=8), preset="ldm-waiting", parts=_BERT_PART,
+    unet_config=_heads(count=8), preset="ldm-waiting", parts=_BERT_PART, evidence=(BERT,),
+    about=_LDM + " (KL-f8) with its own BERT-like text transformer; the direct ancestor of SD 1.x",
     unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
     **_COMMON,
 )
@@ -270,7 +283,8 @@ LDM_TXT_F8 = Family(
 LDM_TXT_256 = Family(
     name="ldm-text2img256", label="LDM text-to-image 256 (text2img256, VQ-f4)", matches=bert(True, _vq),
     build=build_plain, latent=VQ_F4, schedule=(0.0015, 0.0195, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
-    preset="ldm-waiting", parts=_BERT_PART,
+    preset="ldm-waiting", parts=_BERT_PART, evidence=(BERT,),
+    about=_LDM + " (VQ-f4) with its own BERT-like text transformer, at 256 px",
     unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
     **_COMMON,
 )
@@ -281,6 +295,7 @@ LDM_LAYOUT = Family(
     preset="ldm-waiting", parts=tuple((p, "bounding-box token transformer (layout-to-image not run yet)")
                                       for p in _BERT_PREFIXES),
     unsupported="not run yet: needs a layout (bounding boxes and their classes)", **_COMMON,
+    about=_LDM + " (VQ-f4) from a layout of boxes and classes", evidence=(BERT,),
 )
 
 LDM_RDM = Family(
@@ -288,6 +303,7 @@ LDM_RDM = Family(
     name="ldm-rdm", label="LDM retrieval-augmented 768 (rdm_768x768)", matches=rdm, build=build_plain,
     latent=KL_F16, schedule=(0.0015, 0.015, 1000), preview=_GREY16, unet_config=_heads(per_head=32),
     preset="ldm-waiting", unsupported="not run yet: needs a retrieval database (CLIP nearest neighbours)", **_COMMON,
+    about=_LDM + " (KL-f16) conditioned on retrieved CLIP neighbours", evidence=("!" + COND,),
 )
 
 FAMILIES = (LDM_UNCOND, LDM_CIN_V2, LDM_CIN, LDM_BSR, LDM_SEMANTIC, LDM_TXT_F8, LDM_TXT_256, LDM_LAYOUT, LDM_RDM)

@@ -61,15 +61,26 @@ def unclip(h: bool):
     return match
 
 
+# The checkpoint card's words (sd.card).
+EVIDENCE = (LDM_TEXT, "!model.diffusion_model.label_emb.0.0.weight")
+TEXT_WORDS = ("crossattn", "OpenCLIP ViT-H/14's penultimate layer ({w0} wide, + final layer norm), 77 tokens per "
+                          "75-token chunk")
+INPAINT_WORDS = ("concat", "the mask (1 channel) and the masked image's latent (4), after the noisy latent")
+
 SD2 = Family(
     name="sd2", label="SD 2.x", tab="sd2", matches=plain, build=build, latent=SD_LATENT, condition=text_condition,
     default_size=512, v_size=768, preview=SD_RGB, preset="sd2", preset_v="sd2-v",
+    evidence=EVIDENCE, conditioning=(TEXT_WORDS,),
+    about="adds over SD 1.x the OpenCLIP ViT-H/14 text encoder (its penultimate layer) and v-prediction for the "
+          "768 px model (the 512 px base stays eps); same UNet layout with 64-channel heads",
 )
 
 SD2_INPAINT = Family(
     name="sd2-inpaint", label="SD 2 inpainting", tab="inpaint", matches=plain, build=build, latent=SD_LATENT,
     condition=with_inpaint(text_condition), concat=INPAINT_CONCAT, inputs=INPAINT_INPUTS, options=INPAINT_OPTIONS,
-    check=inpaint_check, preview=SD_RGB, infotext=inpaint_infotext,
+    check=inpaint_check, preview=SD_RGB, infotext=inpaint_infotext, evidence=EVIDENCE,
+    conditioning=(TEXT_WORDS, INPAINT_WORDS),
+    about="SD 2 retrained for inpainting: adds the mask and the masked image's latent as 5 extra input channels",
 )
 
 # ------------------------------------------------------------------------------------------- depth-to-image
@@ -133,7 +144,11 @@ DEPTH_INPUTS = (
 SD2_DEPTH = Family(
     name="sd2-depth", label="SD 2 depth-to-image", tab="depth", matches=plain, build=build, latent=SD_LATENT,
     condition=depth_condition, concat=(("depth", 1),), preview=SD_RGB, inputs=DEPTH_INPUTS, check=depth_check,
-    img2img=depth_img2img, infotext=strength_infotext,
+    img2img=depth_img2img, infotext=strength_infotext, evidence=(*EVIDENCE, "depth_model."),
+    conditioning=(TEXT_WORDS, ("concat", "the depth map (1 channel, larger = nearer) normalised to [-1, 1] at the "
+                                         "latent size")),
+    about="SD 2 conditioned on depth: adds a MiDaS depth map as one extra input channel; img2img from the init "
+          "image keeps the layout and changes the rest",
     parts=(("depth_model.", "MiDaS DPT-Hybrid depth estimator (not run yet: give the depth map, --depth-map)"),),
 )
 
@@ -211,6 +226,11 @@ SD2_X4 = Family(
     name="sd2-x4-upscaler", label="SD 2 x4 upscaler", tab="upscale", matches=upscaler, build=build,
     latent=X4_LATENT, condition=x4_condition, concat=(("low_res", 3),), schedule=X4_SCHEDULE, preview=SD_RGB,
     inputs=X4_INPUTS, check=x4_check, extras=x4_extras, infotext=noise_level_infotext, tile=512,
+    evidence=(LDM_TEXT, "model.diffusion_model.label_emb.weight", "low_scale_model."),
+    conditioning=(TEXT_WORDS, ("concat", "the noised low-resolution RGB image (3 channels) at the latent size"),
+                  ("vector", "the noise level of the low-resolution image, as a class label")),
+    about="SD 2's 4x upscaler: a text-guided diffusion on an f4 latent, conditioned on the noised low-res image "
+          "(3 extra input channels) and its noise level",
 )
 
 # ------------------------------------------------------------------------------------------- unCLIP
@@ -332,7 +352,12 @@ UNCLIP_INPUTS = (
 )
 _UNCLIP = dict(tab="unclip", build=build, latent=SD_LATENT, condition=unclip_condition, default_size=768,
                preview=SD_RGB, preset="sd2-unclip", inputs=UNCLIP_INPUTS, check=unclip_check, extras=unclip_extras,
-               extra_tensors=unclip_tensors, infotext=noise_level_infotext)
+               extra_tensors=unclip_tensors, infotext=noise_level_infotext,
+               evidence=(LDM_TEXT, "model.diffusion_model.label_emb.0.0.weight", "embedder.model.visual."),
+               conditioning=(TEXT_WORDS, ("vector", "the CLIP image embedding of the given image, noise-augmented, "
+                                                    "followed by the embedding of its noise level (half each)")),
+               about="SD 2.1 for image variations: adds a CLIP image embedding (and its noise level) as the UNet's "
+                     "vector, added to the time embedding; the prompt is optional")
 SD2_UNCLIP_H = Family(
     name="sd2-unclip-h", label="SD 2.1 unCLIP (ViT-H)", matches=unclip(True),
     vector_width=lambda texts, unet: 2 * texts[0].width, extra_config=unclip_extra_config(True), **_UNCLIP,

@@ -204,20 +204,36 @@ def infotext_for(default_layers: tuple[int, ...]):
     return fields
 
 
-def _family(name: str, label: str, matches, slg: tuple[int, ...], notes: tuple[str, ...]) -> Family:
+# The checkpoint card's words (sd.card).
+CONDITIONING = (("crossattn", "CLIP-L and CLIP-G penultimate layers side by side (77 tokens, zero-padded to the "
+                              "MMDiT's width), then T5-XXL's tokens when T5 is used"),
+                ("vector", "CLIP-L's pooled output ({w0}) + CLIP-G's projected pooled output ({p1})"))
+
+
+def _family(name: str, label: str, matches, slg: tuple[int, ...], notes: tuple[str, ...], about: str,
+            evidence: tuple[str, ...]) -> Family:
     return Family(
         name=name, label=label, tab="sd3", matches=matches, build=build, latent=LATENT, condition=condition,
         network="mmdit", vector_width=vector_width, inputs=INPUTS, check=check, default_size=1024, preview=RGB,
         infotext=infotext_for(slg), text_parts=text_parts, text_tensors=text_tensors, sigmas_for=sigmas_for,
-        guidance=guidance_for(slg), request_notes=request_notes, notes=notes,
+        guidance=guidance_for(slg), request_notes=request_notes, notes=notes, about=about, evidence=evidence,
+        conditioning=CONDITIONING,
     )
 
 
 SD3 = _family("sd3", "SD3 medium", sd3_medium, (),
-              ("bundled CLIP-L/G (+ T5) in sd3_medium_incl_clips*; otherwise separate text-encoder files",))
+              ("bundled CLIP-L/G (+ T5) in sd3_medium_incl_clips*; otherwise separate text-encoder files",),
+              "replaces SDXL's UNet with an MMDiT (text and image tokens in one joint attention), rectified flow "
+              "with a sigma shift, three text encoders (CLIP-L, CLIP-G, T5-XXL) and a 16-channel latent",
+              (UNET + "joint_blocks.", "!" + QK_NORM))
 SD35_LARGE = _family("sd3.5-large", "SD3.5 large", sd35_large, (),
-                     ("SD3.5 large turbo has the same layout: pick the sd3.5-large-turbo preset",))
+                     ("SD3.5 large turbo has the same layout: pick the sd3.5-large-turbo preset",),
+                     "SD3 scaled up, with RMS normalisation of queries and keys (qk-norm) in every attention",
+                     (UNET + "joint_blocks.", QK_NORM))
 SD35_MEDIUM = _family("sd3.5-medium", "SD3.5 medium (MMDiT-X)", sd35_medium, MEDIUM_SLG_LAYERS,
-                      ("skip-layer guidance on layers 7, 8, 9 by default",))
+                      ("skip-layer guidance on layers 7, 8, 9 by default",),
+                      "SD3.5 at medium size: qk-norm plus MMDiT-X blocks (a second self-attention on the image "
+                      "tokens) in its first layers; skip-layer guidance on by default",
+                      (UNET + "joint_blocks.", QK_NORM, UNET + "joint_blocks.0.x_block.attn2."))
 
 FAMILIES = (SD3, SD35_LARGE, SD35_MEDIUM)

@@ -120,11 +120,22 @@ def build_refiner(shapes, unet):
     return detect_vae(shapes), (openclip_text(shapes, E0 + "model.", "penultimate", False, True),)
 
 
+# The checkpoint card's words (sd.card).
+BASE_EVIDENCE = (E0 + "transformer.", E1 + "model.", "model.diffusion_model.label_emb.0.0.weight")
+BASE_WORDS = (("crossattn", "CLIP ViT-L/14 ({w0}) and OpenCLIP bigG ({w1}) penultimate layers side by side "
+                            "per token, 77 tokens per 75-token chunk"),
+              ("vector", "bigG's pooled text ({pooled}) + 6 x 256 Fourier features of the original size (h, w), the "
+                         "crop (top, left) and the target size (h, w)"))
+INPAINT_WORDS = ("concat", "the mask (1 channel) and the masked image's latent (4), after the noisy latent")
+
 SDXL_BASE = Family(
     name="sdxl-base", label="SDXL base", tab="sdxl", matches=two_towers, build=build_base, latent=LATENT,
     condition=base_condition, vector_width=lambda texts, unet: pooled_width(texts) + 6 * FOURIER_DIM,
     empty_negative=EMPTY_NEGATIVE, default_size=1024, preview=RGB, infotext=base_infotext,
     ays_table="sdxl",
+    evidence=BASE_EVIDENCE, conditioning=BASE_WORDS,
+    about="adds over SD 2 a 3x larger UNet, a second text encoder (OpenCLIP bigG next to CLIP-L), and a vector "
+          "of the pooled text with size and crop micro-conditioning; latent scale 0.13025",
 )
 
 SDXL_INPAINT = Family(
@@ -134,6 +145,8 @@ SDXL_INPAINT = Family(
     empty_negative=EMPTY_NEGATIVE, default_size=1024, preview=RGB,
     infotext=lambda kw: {**base_infotext(kw), **inpaint_infotext(kw)},
     ays_table="sdxl",
+    evidence=BASE_EVIDENCE, conditioning=(*BASE_WORDS, INPAINT_WORDS),
+    about="the SDXL base retrained for inpainting: adds the mask and the masked image's latent as 5 input channels",
 )
 
 SDXL_REFINER = Family(
@@ -141,6 +154,12 @@ SDXL_REFINER = Family(
     condition=refiner_condition, vector_width=lambda texts, unet: pooled_width(texts) + 5 * FOURIER_DIM,
     empty_negative=EMPTY_NEGATIVE, default_size=1024, refines=("sdxl-base",), preview=RGB, infotext=refiner_infotext,
     ays_table="sdxl",
+    evidence=(E0 + "model.", "!" + E1, "model.diffusion_model.label_emb.0.0.weight"),
+    conditioning=(("crossattn", "OpenCLIP bigG's penultimate layer ({w0}), 77 tokens per 75-token chunk"),
+                  ("vector", "bigG's pooled text ({pooled}) + 5 x 256 Fourier features of the original size (h, w), "
+                             "the crop (top, left) and the aesthetic score")),
+    about="SDXL's second stage: bigG alone, an aesthetic-score vector, trained on the low-noise steps to continue "
+          "the base's latents",
 )
 
 FAMILIES = (SDXL_BASE, SDXL_INPAINT, SDXL_REFINER)

@@ -5,8 +5,10 @@
 Generates every held-out prompt (color/shape/position combinations never seen as a training caption, see
 `sd.demo.data.is_held_out`) through the public path (`sd.pipeline.load_model` + `generate`, 64x64, euler,
 normal schedule) at CFG 5 and at CFG 1, scores each image with `sd.demo.evaluate` (no learned model), and
-prints the table for both plus the measured seconds per image. Targets (issue 5): at CFG 5, colors >= 90%,
-shapes and positions >= 80%; CFG 1 clearly lower; one image under 2 s.
+prints the table for both plus the measured seconds per image; then the independent color rule
+(`sd.demo.evaluate.judge_colors`) on the 12 simple prompts x the same seeds at the first CFG.
+Targets (issue 15): at CFG 5 both colors >= 85%, shapes and positions >= 80%; CFG 1 clearly lower; the
+independent rule >= 80%; one image under 1 s.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sd.demo import DEMO_CHECKPOINT  # noqa: E402
-from sd.demo.evaluate import evaluate  # noqa: E402
+from sd.demo.evaluate import color_rule_evaluate, evaluate  # noqa: E402
 from sd.pipeline import load_model  # noqa: E402
 
 
@@ -57,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
           "(colors = foreground and background both right)")
     print(header)
     print("\n".join(lines))
+    both, rows = color_rule_evaluate(model, cfg=args.cfgs[0], seeds=tuple(args.seeds), steps=args.steps)
+    wrong = [f"{r['prompt']} (seed {r['seed']}): {r['judged'][0]} on {r['judged'][1]}"
+             for r in rows if r["judged"] != r["expected"]]
+    print(f"independent color rule, 12 simple prompts x seeds {args.seeds}, cfg {args.cfgs[0]:g}: "
+          f"both colors right in {both:.0%} of {len(rows)}")
+    for line in wrong:
+        print("  wrong:", line)
     return 0
 
 

@@ -41,9 +41,11 @@ from .demo import data
 
 SD1_SCALE = 0.18215
 # Demo architecture (small widths, SD1 structure). Changing these changes the shipped file's shapes.
-# 64 channels at full resolution, not 32: with GroupNorm(32) a 32-wide layer is an instance norm per channel,
-# which erases absolute colors right before the decoder's conv_out (flat shapes then train very slowly).
-DEMO_VAE = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+# 96 channels at every level: GroupNorm(32) then normalises groups of 3 channels. On a flat image a group of 2
+# (width 64, the first demo model) keeps little more than the sign of the two channels' difference on the
+# background, so absolute colors were lost before the latent and before conv_out (issue 15); a group of 1
+# (width 32) is an instance norm that erases them entirely. 128 would exceed the 30 MB file budget.
+DEMO_VAE = VAEConfig(ch=96, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 DEMO_TEXT = TextEncoderConfig(naming="hf", prefix="cond_stage_model.transformer.", width=128, layers=2,
                               heads=2, mlp=512, act="quick_gelu")
 DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
@@ -204,6 +206,14 @@ def fg_weights(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
     return 1 + (fg_weight - 1) * far
 
 
+def cell_color_loss(rec: torch.Tensor, x: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """L1 between the mean colors of each latent cell (8x8 pixel average pooling) of rec and x, both (B, 3, S, S).
+
+    A color-aware term: a shape covers a few percent of the pixels, so the per-pixel L1 barely notices a wrong
+    foreground color; the cell means of a wrong color differ on every cell the shape touches."""
+    return (torch.nn.functional.avg_pool2d(rec, cell) - torch.nn.functional.avg_pool2d(x, cell)).abs().mean()
+
+
 def train_vae(args) -> int:
     """Stage 1: reconstruction (L1 on a posterior sample) + kl_weight * KL; EMA weights saved.
 
@@ -244,6 +254,8 @@ def train_vae(args) -> int:
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         rec = model.decode(z)  # (B, 3, 64, 64)
         loss = (fg_weights(x, args.fg_weight) * (rec - x).abs()).mean() + args.kl_weight * kl_loss(mean, logvar)
+        if args.color_weight:
+            loss = loss + args.color_weight * cell_color_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -459,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(v, steps=600, batch=16, lr=2e-3, warmup=30, ema=0.98, save_every=50)
     v.add_argument("--kl-weight", type=float, default=1e-5)
     v.add_argument("--fg-weight", type=float, default=1.0, help="L1 weight of shape pixels relative to background")
+    v.add_argument("--color-weight", type=float, default=0.0,
+                   help="weight of the L1 on 8x8-cell mean colors (cell_color_loss)")
     v.add_argument("--decoder-only", default="", metavar="VAE",
                    help="fine-tune only the decoder of this vae.safetensors (encoder frozen: latents unchanged)")
     v.add_argument("--crop", type=int, default=32, help="crop side for most steps (multiple of 8)")

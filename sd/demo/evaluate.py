@@ -9,6 +9,10 @@ For one image it finds
     extent   = area / bounding-box area (square 1, circle pi/4 = 0.785, triangle 0.5);
 - the position from the blob's bounding-box center (thirds of the image; corners need both coordinates off-center).
 `score` compares that with the prompt's ground truth.
+
+A second, independent color rule (`judge_colors`, issue 15) uses no blob: the median of the 1-pixel border names
+the background, the median of every pixel far from that color names the foreground. `color_rule_evaluate` applies
+it to the 12 simple prompts of `simple_color_prompts` ("a <color> <shape> on a <color> background").
 """
 from __future__ import annotations
 
@@ -43,6 +47,53 @@ def nearest_color(rgb: np.ndarray) -> str:
     """Palette name nearest to an RGB triple (0-255)."""
     d = ((_PALETTE - np.asarray(rgb, dtype=np.float32)[None]) ** 2).sum(-1)
     return _NAMES[int(d.argmin())]
+
+
+# A pixel is "far" from the background when it is more than half the smallest distance between two palette
+# colors away from the background's median: such a pixel cannot be a slightly-off shade of the background.
+_GAPS = np.sqrt(((_PALETTE[:, None] - _PALETTE[None]) ** 2).sum(-1))  # (6, 6)
+FAR_DISTANCE = float(_GAPS[_GAPS > 0].min()) / 2
+
+
+def judge_colors(image) -> tuple[str | None, str]:
+    """(foreground, background) color names of one image by the independent rule; foreground None when no pixel is
+    far from the background. Background: nearest palette color to the median of the outermost pixel ring.
+    Foreground: nearest palette color to the median of the pixels farther than FAR_DISTANCE from that median."""
+    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)  # (H, W, 3)
+    ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])  # (2W + 2H - 4, 3)
+    bg_rgb = np.median(ring, axis=0)
+    far = np.sqrt(((img - bg_rgb) ** 2).sum(-1)) > FAR_DISTANCE  # (H, W)
+    fg = nearest_color(np.median(img[far], axis=0)) if far.any() else None
+    return fg, nearest_color(bg_rgb)
+
+
+def simple_color_prompts() -> list[tuple[str, str, str]]:
+    """12 prompts "a <color> <shape> on a <color> background" (no size, no position): (prompt, fg, bg).
+
+    Each palette color is the foreground twice and the background twice; the shapes cycle."""
+    from .data import COLOR_NAMES, SHAPES
+
+    out = []
+    for i in range(12):
+        fg, bg = COLOR_NAMES[i % 6], COLOR_NAMES[(i + 1 + i // 6) % 6]
+        out.append((f"a {fg} {SHAPES[i % 4]} on a {bg} background", fg, bg))
+    return out
+
+
+def color_rule_evaluate(model, cfg: float = 5.0, seeds: tuple[int, ...] = (1, 2), steps: int = 20,
+                        sampler: str = "euler") -> tuple[float, list[dict]]:
+    """Generate the simple prompts once per seed (64x64, public pipeline) and judge them with `judge_colors`.
+    Returns (fraction with both colors right, rows of prompt, seed, expected and judged colors)."""
+    from sd.pipeline import GenerateParams, generate
+
+    rows = []
+    for prompt, fg, bg in simple_color_prompts():
+        for seed in seeds:
+            params = GenerateParams(prompt=prompt, negative_prompt="", width=64, height=64, steps=steps, cfg=cfg,
+                                    seed=seed, sampler=sampler, schedule="normal", batch_size=1)
+            image = generate(model, params).images[0]
+            rows.append(dict(prompt=prompt, seed=seed, image=image, expected=(fg, bg), judged=judge_colors(image)))
+    return sum(r["expected"] == r["judged"] for r in rows) / max(len(rows), 1), rows
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

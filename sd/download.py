@@ -23,7 +23,12 @@ OFFICIAL: dict[str, tuple[str, str, str]] = {
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors", "SDXL base 1.0, 6.9 GB"),
     "sdxl-refiner": ("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors",
                      "SDXL refiner 1.0, 6.1 GB"),
+    "t5-tokenizer": ("google/t5-v1_1-xxl", "spiece.model",
+                     "T5-XXL sentencepiece tokenizer of SD3 / 3.5, 0.8 MB (into text_encoders/)"),
 }
+
+# name -> the models folder's sub-folder it goes into (SD3's T5 tokenizer: where sd.text_encoders looks for it)
+SUBFOLDER: dict[str, str] = {"t5-tokenizer": "text_encoders"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown checkpoint {args.name!r}; known: {', '.join(OFFICIAL)}", file=sys.stderr)
         return 2
     repo, filename, _ = OFFICIAL[args.name]
-    folder = resolve_models_dir(args.models_dir)
+    folder = resolve_models_dir(args.models_dir) / SUBFOLDER.get(args.name, "")
     folder.mkdir(parents=True, exist_ok=True)
     try:
         from huggingface_hub import hf_hub_download

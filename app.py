@@ -442,6 +442,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     inputs, finish, notes = family_inputs(model.family, s, _num(s, "width"), _num(s, "height"))
     every = preview_every(steps)
     gallery, texts, done_steps, stopped = [], [], 0, False
+    shown: list = []
     for n in range(count):
         p = _params(s, seed + n * int(s["batch_size"]))
         p.inputs = inputs
@@ -463,6 +464,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
             res = app_extras.run(ctx, s, model, p, callback=on_step, stop=stop)   # hires fix, clip skip
         done_steps += res.steps_done
         notes += [n for n in res.info.get("notes", []) if n not in notes]
+        shown = res.info.get("shown") or shown   # images the family shows beside the result (the depth map used)
         if abandoned is not None and abandoned.is_set():
             raise Abandoned(f"the client disconnected after {done_steps} steps; nothing was saved")
         options = {i.name: s.get(i.name) for i in model.family.options}
@@ -490,6 +492,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     status = (f"stopped after {done_steps} of {steps * count} steps" if stopped else
               f"done: {len(gallery)} image(s), {done_steps} steps") + f"; seed {seed}; {token_note(s['prompt'])}"
     status += "".join(f"  \n*{n}*" for n in notes)
+    gallery += [(img, caption) for caption, img in shown]   # after the count in the status: not outputs
     facts = describe(model.spec, model.path, model.path == ctx.demo_path)
     return RunOutput(gallery, texts[0] if texts else "", seed, status, facts)
 

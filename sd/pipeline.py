@@ -420,6 +420,16 @@ def start_latent(model: LoadedModel, p: GenerateParams,
     return x.to(model.device, model.dtype), sigmas
 
 
+def family_prepare(model: LoadedModel, p: GenerateParams) -> tuple[GenerateParams, tuple]:
+    """The family's pass over the request before the run (Family.prepare; depth: MiDaS estimates the map when none is
+    given): the request with the inputs it filled in, and the (caption, image) pairs to show with the result."""
+    fam = model.family
+    if fam.prepare is None:
+        return p, ()
+    inputs, shown = fam.prepare(model.parts, model.spec, replace(p, inputs=request_inputs(model.spec, p)))
+    return replace(p, inputs=inputs), tuple(shown)
+
+
 @torch.no_grad()
 def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], None] | None = None,
              stop: Callable[[], bool] | threading.Event | None = None) -> GenerateResult:
@@ -433,6 +443,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
 
         raise ValueError(missing_vae(model.path, model.family.label, model.spec.latent.channels))
     check_params(model.spec, p)
+    p, shown = family_prepare(model, p)   # the family's own inputs from its parts (depth: the MiDaS estimate)
     g = seed_generator(p.seed)
     guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
     x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
@@ -453,7 +464,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
         if fam.request_notes is not None else ()
     notes = [*model.spec.notes, *said, *notes]
     return GenerateResult(images, latents.float().cpu(), p.seed, model.spec, stopped=stopped, steps_done=done["n"],
-                          info={"notes": notes} if notes else {})
+                          info={**({"notes": notes} if notes else {}), **({"shown": list(shown)} if shown else {})})
 
 
 class ModelCache:

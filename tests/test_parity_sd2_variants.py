@@ -11,7 +11,9 @@ initial noise and sigmas; the final latents must agree within 1e-4 of their larg
 - depth-to-image: diffusers' `StableDiffusionDepth2ImgPipeline` given the same depth map (the L image / 255 as its
   `depth_map` tensor; both resize it bicubically to the latent and normalise it to [-1, 1]) and the same generator:
   its draws (the init image's posterior sample, then the noise) are in our order, so the latents match from the
-  seed alone; the truncated schedule is diffusers' get_timesteps on our sigmas.
+  seed alone; the truncated schedule is diffusers' get_timesteps on our sigmas. Without a map, diffusers'
+  depth_estimator is transformers' DPT-Hybrid holding the file's depth_model.* tensors and both sides get the same
+  net input (the pinned MiDaS preprocessing; diffusers' DPTImageProcessor resizes with PIL instead).
 - unCLIP (H, and L in a layout derived from H's list, tests/tiny.py): diffusers' `StableUnCLIPImg2ImgPipeline` given our image embedding as `image_embeds` (its own image
   encoder is transformers' CLIP vision model with a CLIPImageProcessor, not the reference's open_clip tower with
   kornia's resize, so both sides get the same embedding; the tower is open_clip's own VisionTransformer), the same
@@ -154,6 +156,70 @@ def test_depth2img_matches_diffusers(tiny_files, monkeypatch) -> None:
                                              inputs={"image": image, "depth_map": depth.transpose(Image.FLIP_TOP_BOTTOM),
                                                      "strength": strength})).latents
     assert rel_err(flipped, ref) > 1e-3
+
+
+class MidasPreprocess:
+    """A stand-in for the pipeline's `feature_extractor`: the pinned preprocessing (sd.midas.midas_input, the SD 2
+    reference's keep-aspect resize to multiples of 32 around the net's size, mean/std 0.5). diffusers' own
+    DPTImageProcessor resizes with PIL's bicubic (a = -0.5, antialiased), not the reference's cv2 INTER_CUBIC, so
+    both sides get the same net input and the estimator, the resize to the latent and the normalisation are compared."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, images, return_tensors="pt"):
+        from types import SimpleNamespace
+
+        from sd.inpaint import image_to_tensor
+        from sd.midas import midas_input
+
+        return SimpleNamespace(pixel_values=torch.cat([midas_input(image_to_tensor(i), self.size) for i in images]))
+
+
+@torch.no_grad()
+def test_depth2img_with_the_estimated_map_matches_diffusers(tiny_files, monkeypatch) -> None:
+    """No depth map given: our MiDaS estimate vs diffusers' pipeline whose depth_estimator is transformers'
+    DPTForDepthEstimation (hybrid) holding the same depth_model.* tensors (tests/test_midas.py's key map)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from safetensors.torch import load_file
+
+    from sd.midas import PREFIX
+
+    from .test_midas import hf_dpt
+
+    path = tiny_files("sd2_depth")
+    model = load_model(path)
+    spec = model.spec
+    cfg = dict(spec.extra)["midas"]
+    estimator = hf_dpt(cfg, {k[len(PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(PREFIX)})
+    unet, vae, texts = variant_parts(monkeypatch, path, spec)
+    prompt, negative = "a stone bridge", ""
+    ctx, nctx = diffusers_text(texts, spec, prompt)[0], diffusers_text(texts, spec, negative)[0]
+    w, h, steps, cfg_scale, seed, strength = 64, 48, 8, 5.0, 21, 0.8
+    image = picture(w, h, seed=7)
+    sigmas = get_sigmas("normal", model.sigmas, steps)
+    pipe = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=texts[0], tokenizer=None, unet=unet,
+                                            scheduler=euler("eps", (0.00085, 0.012), sigmas),
+                                            depth_estimator=estimator, feature_extractor=MidasPreprocess(cfg.size))
+    ref = pipe(image=image, strength=strength, num_inference_steps=steps, guidance_scale=cfg_scale,
+               prompt_embeds=ctx, negative_prompt_embeds=nctx, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="latent").images
+    ours = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                          cfg=cfg_scale, seed=seed, sampler="euler", schedule="normal",
+                                          inputs={"image": image, "strength": strength}))
+    assert ours.latents.shape == ref.shape == (1, 4, 6, 8)
+    assert ref.abs().max() > 0.1
+    err = rel_err(ours.latents, ref)
+    print(f"depth2img, estimated map: final latent max rel err {err:.2e}")
+    assert err < 1e-4
+    (what, shown), = ours.info["shown"]
+    assert what == "depth map used (MiDaS estimate)" and shown.size == (w, h) and shown.mode == "L"
+    # the estimate matters: a given flat-ish ramp instead ends elsewhere
+    other = generate(model, GenerateParams(prompt=prompt, negative_prompt=negative, width=w, height=h, steps=steps,
+                                           cfg=cfg_scale, seed=seed, sampler="euler", schedule="normal",
+                                           inputs={"image": image, "strength": strength,
+                                                   "depth_map": depth_picture(40, 30)})).latents
+    assert rel_err(other, ref) > 1e-3
 
 
 @pytest.mark.parametrize("name,family", [("sd21_unclip_h", "sd2-unclip-h"), ("sd21_unclip_l", "sd2-unclip-l")])

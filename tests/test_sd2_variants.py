@@ -263,7 +263,6 @@ def test_depth_strength_truncates_the_schedule(depth) -> None:
 
 
 @pytest.mark.parametrize("inputs,match", [
-    (dict(depth_map=None), "needs a depth map: give --depth-map"),
     (dict(depth_map="/nonexistent/depth.png"), "depth_map '/nonexistent/depth.png': no such file"),
     (dict(depth_map=__file__), "is not an image"),
     (dict(strength=1.5), "strength must be between 0 and 1"),
@@ -273,6 +272,58 @@ def test_depth_bad_input_one_line_errors(depth, inputs, match) -> None:
     with pytest.raises(ValueError, match=match) as e:
         generate(depth, depth_params(inputs={k: v for k, v in given.items() if v is not None}))
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def depth_pruned(tmp_path_factory):
+    """The tiny sd2-depth file without its estimator (depth_model.* left out, as pruned re-saves do)."""
+    from safetensors.torch import save_file
+
+    from .tiny import tiny_state_dict
+
+    path = tmp_path_factory.mktemp("depth-pruned") / "depth-pruned.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_state_dict("sd2_depth").items()
+               if not k.startswith("depth_model.")}, str(path))
+    return path
+
+
+def test_depth_without_estimator_needs_a_map(depth_pruned) -> None:
+    model = load_model(depth_pruned)
+    assert "midas" not in dict(model.spec.extra) and "midas" not in model.parts.extras
+    with pytest.raises(ValueError, match=r"has no depth estimator \(depth_model\.\*\): give a depth map") as e:
+        generate(model, depth_params(inputs={"image": picture(64, 48)}))
+    assert "\n" not in str(e.value)
+    res = generate(model, depth_params(steps=2))      # with a map it runs
+    assert res.info["shown"][0][0] == "depth map used (given)"
+
+
+@torch.no_grad()
+def test_depth_map_shown_with_the_result(depth) -> None:
+    """The map a request used comes back in info["shown"]: a given one resized to the output (bicubic) and
+    stretched to 0..255; an estimated one (MiDaS on the init image) likewise, and it changes the result."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    given = generate(depth, depth_params(steps=2))
+    (what, shown), = given.info["shown"]
+    d = torch.tensor(np.asarray(depth_picture(40, 30), dtype=np.float32) / 255)[None, None]
+    r = F.interpolate(d, size=(48, 64), mode="bicubic", align_corners=False)[0, 0]
+    ref = torch.round((r - r.min()) / (r.max() - r.min()) * 255)
+    assert what == "depth map used (given)" and shown.size == (64, 48) and shown.mode == "L"
+    assert np.array_equal(np.asarray(shown), ref.to(torch.uint8).numpy())
+    est = generate(depth, depth_params(steps=2, inputs={"image": picture(64, 48)}))
+    (what, shown), = est.info["shown"]
+    arr = np.asarray(shown)
+    assert what == "depth map used (MiDaS estimate)" and shown.size == (64, 48) and len(np.unique(arr)) > 16
+    assert (arr.min(), arr.max()) == (0, 255)
+    # the estimate given back as the map (its mode F image) is the same request
+    from sd.families.sd2 import depth_values  # noqa: F401  (the estimate's values are taken as they are)
+    from sd.midas import estimate_depth
+
+    m = estimate_depth(depth.parts.extras["midas"], image_to_tensor(picture(64, 48)))[0]
+    again = generate(depth, depth_params(steps=2, inputs={"image": picture(64, 48),
+                                                          "depth_map": Image.fromarray(m.numpy())}))
+    assert torch.equal(again.latents, est.latents) and (est.latents - given.latents).abs().max() > 1e-3
 
 
 def test_flat_depth_map_is_refused(depth) -> None:
@@ -295,11 +346,13 @@ def test_depth_cli_and_infotext(tiny_files, tmp_path, capsys) -> None:
 
     assert Image.open(out).size == (64, 48)
     capsys.readouterr()
-    bad = tmp_path / "bad.png"
+    est = tmp_path / "est.png"      # without --depth-map the file's MiDaS estimates it
     code = main(["generate", "--checkpoint", path, "--prompt", "a house", "--init-image", str(tmp_path / "photo.png"),
-                 "--steps", "2", "--out", str(bad)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and not bad.exists() and "give --depth-map" in err and err.count("\n") == 0
+                 "--steps", "2", "--out", str(est)])
+    assert code == 0 and Image.open(est).size == (64, 48)
+    capsys.readouterr()
+    code = main(["inspect", path])
+    assert code == 0 and json.loads(capsys.readouterr().out)["unsupported"] == []
     # --strength means img2img for the other families still
     code = main(["generate", "--checkpoint", str(tiny_files("sd1")), "--prompt", "x", "--init-image",
                  str(tmp_path / "photo.png"), "--strength", "0.5", "--width", "64", "--height", "48", "--steps", "2",
@@ -316,7 +369,8 @@ def test_depth_endpoint(world, depth) -> None:
     from PIL import Image
 
     names = app.tab_inputs("depth")
-    assert names[-3:] == ("image", "depth_map", "strength") and "init_image" not in names
+    i = names.index("image")
+    assert names[i:i + 3] == ("image", "depth_map", "strength") and "init_image" not in names
     images, _, status, infotext, seed, _ = world["client"].predict(
         checkpoint="depth.safetensors", prompt="a house", steps=4, seed=5, width=64, height=64, sampler="Euler",
         schedule="Normal", cfg=5, image=handle_file(str(world["root"] / "photo.png")),
@@ -327,6 +381,9 @@ def test_depth_endpoint(world, depth) -> None:
         "image": Image.open(world["root"] / "photo.png"), "depth_map": Image.open(world["root"] / "depth.png"),
         "strength": 0.5}))
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(ref.images[0]))
+    # the depth map it used comes after the image (not counted in the status, not saved to outputs)
+    assert len(images) == 2 and images[1]["caption"] == "depth map used (given)"
+    assert np.array_equal(np.asarray(Image.open(images[1]["image"]).convert("L")), np.asarray(ref.info["shown"][0][1]))
     assert to_settings(parse_parameters(infotext)).get("strength") == 0.5, (
         "app.py must pass the family inputs to the infotext: in run_request's build_parameters(...) call add "
         "`inputs=inputs,` (Family.infotext then writes 'Denoising strength' for depth-to-image)")

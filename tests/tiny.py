@@ -28,6 +28,7 @@ from sd.loader import expected_tensors
 # The released key lists (copied from the reference repository into tests/data: names and shapes only).
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "checkpoint-keys"
 TEXT_WIDTH = 64
+MIDAS_OUT_BIAS = "depth_model.model.scratch.output_conv.4.bias"
 
 
 # derived layouts: name -> (released key list, {key: shape} overrides)
@@ -90,8 +91,16 @@ def tiny_spec(name: str) -> ModelSpec:
     vae = replace(spec.vae, ch=32) if spec.vae else None
     # the families' own parts (unCLIP's image tower): the same depth, tiny widths, the embedding as wide as the text
     extra = tuple((k, replace(v, width=TEXT_WIDTH, mlp=2 * TEXT_WIDTH, output_dim=adm // 2 or TEXT_WIDTH)
-                   if k == "vision" else v) for k, v in spec.extra)
+                   if k == "vision" else tiny_midas(v) if k == "midas" else v) for k, v in spec.extra)
     return replace(spec, unet=unet, vae=vae, text_encoders=texts, extra=extra)
+
+
+def tiny_midas(cfg):
+    """The sd2-depth MiDaS DPT-Hybrid (sd.midas.MidasConfig) with its structure (stage and block counts: the released
+    key names) and tiny widths: stem 32, bottlenecks 32/32/64 wide (GroupNorm's 32 groups), stage outputs 128/128/256,
+    ViT 128 wide in 2 heads of 64, fusion 64; a 4 x 4 position grid, so the net runs at 64 px instead of 384."""
+    stages = tuple((n, 32 if i < 2 else 64, 128 if i < 2 else 256) for i, (n, _, _) in enumerate(cfg.stages))
+    return replace(cfg, stem=32, stages=stages, width=128, mlp=256, grid=4, post=(128, 128), features=64)
 
 
 def _random_like(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -114,6 +123,8 @@ def tiny_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     for comp in expected_tensors(spec).values():
         for k, shape in comp.items():
             sd[k] = _random_like(k, shape, g)
+    if MIDAS_OUT_BIAS in sd:   # the depth head ends in a ReLU: a positive bias keeps the tiny estimate from being 0
+        sd[MIDAS_OUT_BIAS] = torch.ones(1)
     for k, shape in reference_shapes(name).items():
         if k in sd or ignore_reason(k) is None:
             continue

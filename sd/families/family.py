@@ -119,6 +119,11 @@ class Family:
                                                # the family's guidance (SD3.5: CFG + skip-layer); None: CFG
     request_notes: Callable[[Any, ModelSpec, Any], tuple[str, ...]] | None = None
                                                # (parts, spec, request) -> plain-words notes shown with a result
+    prepare: Callable[[Any, ModelSpec, Any], tuple[dict, tuple]] | None = None
+                                               # (parts, spec, request with completed inputs) -> (inputs, shown):
+                                               # inputs the family fills from its own parts before the run (depth:
+                                               # the MiDaS estimate when no map is given) and (caption, image) pairs
+                                               # shown with the result (the depth map used)
     ays_table: str = "sd1"                     # which of NVIDIA's Align Your Steps tables the "Align Your Steps"
                                                # schedule uses (sd.schedules.AYS_TABLES; A1111: "sdxl" for SDXL)
     # --- the checkpoint card (sd.card): plain words a learner can follow

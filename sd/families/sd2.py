@@ -2,8 +2,8 @@
 cross-attention on OpenCLIP ViT-H/14's penultimate layer (+ final LN), eps (512) or v (768) prediction, kl-f8.
 
 Families: `sd2` (text to image; eps or v settled by the A1111 probe), `sd2-inpaint` (512-inpainting-ema: 9-channel
-UNet, concat = mask + masked-image latent), `sd2-depth` (5 channels: latent + a given depth map, img2img from the
-init image; the MiDaS estimator in the file is not run yet), `sd2-x4-upscaler` (7 channels: latent + the noised
+UNet, concat = mask + masked-image latent), `sd2-depth` (5 channels: latent + a depth map, given or estimated by
+the MiDaS DPT-Hybrid stored in the file, img2img from the init image), `sd2-x4-upscaler` (7 channels: latent + the noised
 low-res RGB, noise-level class label, kl-f4 latent), `sd2-unclip-h` / `sd2-unclip-l` (image variations: the CLIP
 image embedding of `embedder.model.visual.*`, noise-augmented, + its level embedding as the UNet's vector).
 Recognised by: an OpenCLIP text tower under `cond_stage_model.model.` (or SGM's `conditioner.embedders.0.model.`
@@ -94,9 +94,10 @@ DEPTH_STRENGTH = 0.9   # scripts/gradio/depth2img.py's default strength
 
 
 def depth_map_tensor(image, size: tuple[int, int]) -> Tensor:
-    """A depth map image (mode L, larger = nearer; any size) -> (1, 1, h, w) float32 in [-1, 1] at the latent size
-    `size` = (h, w): /255, F.interpolate bicubic (align_corners False), then 2 (d - min) / (max - min) - 1."""
-    d = np.asarray(load_image(image, "depth_map").convert("L"), dtype=np.float32) / 255.0     # (H, W)
+    """A depth map image (mode L, larger = nearer; any size; or mode F: MiDaS's float estimate, taken as is) ->
+    (1, 1, h, w) float32 in [-1, 1] at the latent size `size` = (h, w): /255, F.interpolate bicubic (align_corners
+    False), then 2 (d - min) / (max - min) - 1."""
+    d = depth_values(image)                                                                    # (H, W)
     t = F.interpolate(torch.from_numpy(d)[None, None], size=size, mode="bicubic", align_corners=False)  # (1, 1, h, w)
     lo, hi = t.amin(dim=(1, 2, 3), keepdim=True), t.amax(dim=(1, 2, 3), keepdim=True)
     if float((hi - lo).min()) <= 0:
@@ -104,11 +105,81 @@ def depth_map_tensor(image, size: tuple[int, int]) -> Tensor:
     return 2.0 * (t - lo) / (hi - lo) - 1.0
 
 
+def depth_values(image) -> np.ndarray:
+    """(H, W) float32 of a depth map: an L (or RGB) image / 255, or a mode F image (the estimate) as it is."""
+    img = load_image(image, "depth_map")
+    if img.mode == "F":
+        return np.array(img, dtype=np.float32)
+    return np.array(img.convert("L"), dtype=np.float32) / 255.0
+
+
 def depth_check(inputs: dict) -> None:
+    if inputs.get("depth_map") is not None:
+        depth_map_tensor(inputs["depth_map"], (8, 8))   # readable, not flat (without one, MiDaS estimates it)
+
+
+def midas_extra_config(shapes) -> tuple:
+    """ModelSpec.extra of a depth file: the MiDaS DPT-Hybrid numbers read from `depth_model.*` (nothing when a
+    pruned file left the estimator out: then a depth map must be given)."""
+    from ..midas import midas_config
+
+    cfg = midas_config(shapes)
+    return (("midas", cfg),) if cfg is not None else ()
+
+
+def midas_tensors(spec: ModelSpec) -> dict:
+    from ..midas import PREFIX, build_midas
+
+    cfg = dict(spec.extra).get("midas")
+    if cfg is None:
+        return {}
+    return {"depth_model": {PREFIX + k: tuple(v.shape) for k, v in build_midas(cfg, "meta").state_dict().items()}}
+
+
+def midas_extras(ckpt, spec: ModelSpec, device, dtype) -> dict:
+    """{"midas": the estimator} loaded strictly from `depth_model.*`, kept in float32 whatever the dtype (its
+    GroupNorms and the min-max normalisation of a relative depth gain nothing from half precision)."""
+    from ..checkpoint import CheckpointError
+    from ..midas import PREFIX, build_midas
+
+    cfg = dict(spec.extra).get("midas")
+    if cfg is None:
+        return {}
+    model = build_midas(cfg, device="meta")
+    try:
+        model.load_state_dict(ckpt.tensors(PREFIX), strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"MiDaS depth estimator: {str(e).splitlines()[0][:300]}") from None
+    return {"midas": model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)}
+
+
+def depth_view(image, size: tuple[int, int]) -> Image.Image:
+    """The depth map a request used, to show: its values resized to `size` = (w, h) (bicubic), stretched to 0..255
+    (white = near), mode L."""
+    d = torch.from_numpy(depth_values(image))[None, None]                                           # (1, 1, H, W)
+    t = F.interpolate(d, size=(size[1], size[0]), mode="bicubic", align_corners=False)[0, 0]
+    t = (t - t.min()) / (t.max() - t.min()).clamp(min=1e-12)
+    return Image.fromarray(torch.round(t.clamp(0, 1) * 255).to(torch.uint8).numpy(), mode="L")
+
+
+def depth_prepare(parts, spec: ModelSpec, request) -> tuple[dict, tuple]:
+    """(inputs, shown): without a depth map, MiDaS estimates one from the init image (sd.midas.estimate_depth: the
+    SD 2 reference's preprocessing) and it becomes the request's `depth_map` (a mode F image at the net's size, to
+    which depth_map_tensor applies the resize and the normalisation as to a given map); shown = the map used."""
+    from ..midas import estimate_depth
+
+    inputs = dict(request.inputs)
     if inputs.get("depth_map") is None:
-        raise ValueError("sd2-depth needs a depth map: give --depth-map PATH (larger = nearer; the MiDaS estimator "
-                         "stored in the file is not run yet)")
-    depth_map_tensor(inputs["depth_map"], (8, 8))   # readable, not flat
+        model = parts.extras.get("midas")
+        if model is None:
+            raise ValueError("this sd2-depth file has no depth estimator (depth_model.*): give a depth map "
+                             "(--depth-map PATH, larger = nearer)")
+        x = image_to_tensor(load_image(inputs["image"], "image"))     # (1, 3, H, W) in [-1, 1]
+        inputs["depth_map"] = Image.fromarray(estimate_depth(model, x)[0].numpy())   # mode F, (h, w) net size
+        what = "depth map used (MiDaS estimate)"
+    else:
+        what = "depth map used (given)"
+    return inputs, ((what, depth_view(inputs["depth_map"], (request.width, request.height))),)
 
 
 def depth_condition(parts, spec: ModelSpec, request, generator) -> tuple[dict, dict]:
@@ -135,8 +206,9 @@ def strength_infotext(kw: dict) -> dict[str, str]:
 DEPTH_INPUTS = (
     Input("image", "image", "Init image", required=True, cli="--init-image",
           help="RGB image to transform, used at its own size (width and height must equal it)."),
-    Input("depth_map", "image", "Depth map (larger = nearer)", scale=0,
-          help="Grey image of any size, white = near; resized to the latent and normalised to [-1, 1]."),
+    Input("depth_map", "image", "Depth map (larger = nearer; empty: estimated)", scale=0,
+          help="Grey image of any size, white = near; resized to the latent and normalised to [-1, 1]. Without "
+               "one, the MiDaS model stored in the checkpoint estimates it from the init image."),
     Input("strength", "number", "Denoising strength", default=DEPTH_STRENGTH, min=0, max=1,
           help="How much of the schedule runs from the init image: 1 = all of it, 0 = the image back."),
 )
@@ -149,7 +221,7 @@ SD2_DEPTH = Family(
                                          "latent size")),
     about="SD 2 conditioned on depth: adds a MiDaS depth map as one extra input channel; img2img from the init "
           "image keeps the layout and changes the rest",
-    parts=(("depth_model.", "MiDaS DPT-Hybrid depth estimator (not run yet: give the depth map, --depth-map)"),),
+    extra_config=midas_extra_config, extra_tensors=midas_tensors, extras=midas_extras, prepare=depth_prepare,
 )
 
 # ------------------------------------------------------------------------------------------- x4 upscaler

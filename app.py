@@ -42,6 +42,8 @@ from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 from sd.vae_choice import AUTOMATIC, resolve_vae, vae_choices
 
 import app_extras  # hires fix, clip skip, styles, the extra-networks picker (issue 12)
+import app_attention  # cross-attention maps of a run (issue 13)
+import app_grid  # the X/Y/Z comparison grid tab (issue 13)
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
@@ -685,6 +687,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
             c["infotext"] = gr.Textbox(label="Parameters (PNG info)", lines=3, interactive=False,
                                        elem_id=f"{tab}-infotext")
     _wire_tab(ctx, tab, c)
+    app_attention.build_view(ctx, tab, c)   # its own button and /attention_<tab>; every other run unchanged
     return c
 
 
@@ -1019,6 +1022,7 @@ def build_app(models_dir: str | os.PathLike | None = None, device: str = "cpu", 
                     tab_views(ctx, t)
                     gen_tabs[t] = build_generate_tab(ctx, t, entries)
             variants_md = build_future_tabs(ctx, entries)
+            app_grid.build_grid_tab(ctx)
             build_pnginfo_tab(ctx, tabs, gen_tabs)
         outs = ([gen_tabs[t]["checkpoint"] for t in gen_tabs]
                 + [gen_tabs[t]["refiner"] for t in gen_tabs if "refiner" in gen_tabs[t]]

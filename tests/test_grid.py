@@ -163,3 +163,62 @@ def test_cli_grid_writes_the_grid_and_each_cell_with_its_infotext(tmp_path, caps
     assert err.strip() == "error: cfg=3,x: 'x' is not a number or a range like 1-5, 1.5-3 (+0.5), 1-2 [5]"
     assert main(["grid", "--x", "seed=1-301", "--prompt", "p", "--out", str(tmp_path / "h")]) == 2
     assert "--yes" in capsys.readouterr().err and not (tmp_path / "h").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the app's API
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """The app on an empty models folder (the demo model only), driven through gradio_client."""
+    import socket
+
+    from gradio_client import Client
+
+    import app
+    from sd.pipeline import ModelCache
+
+    outputs = tmp_path_factory.mktemp("grid-outputs")
+    demo = app.build_app(tmp_path_factory.mktemp("grid-models"), device="cpu", dtype="float32", cache=ModelCache(),
+                         outputs_dir=outputs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(outputs)])
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+FORM = dict(prompt=PROMPT, negative_prompt="", sampler="Euler", schedule="Normal", steps=2, cfg=5.0, seed=3)
+
+
+def test_grid_through_the_api_equals_the_single_runs(client, demo) -> None:
+    image, cells, status = client.predict(**FORM, x_type="sampler", x_values="euler, heun", y_type="seed",
+                                          y_values="3, 4", api_name="/grid")
+    assert status == "done: 4 cells"
+    assert [c["caption"] for c in cells] == ["Sampler: Euler, Seed: 3", "Sampler: Heun, Seed: 3",
+                                             "Sampler: Euler, Seed: 4", "Sampler: Heun, Seed: 4"]
+    p = GenerateParams(prompt=PROMPT, width=64, height=64, steps=2, cfg=5.0, seed=4, sampler="heun")
+    assert Image.open(cells[3]["image"]).tobytes() == generate(demo, p).images[0].tobytes()
+    assert parse_parameters(read_parameters(cells[3]["image"]))["Sampler"] == "Heun"
+    assert Image.open(image).size[0] > 2 * 64
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="301 cells, over the 300"):
+        client.predict(**FORM, x_type="seed", x_values="1-301", api_name="/grid")
+
+
+def test_attention_maps_per_token_through_the_api(client, demo) -> None:
+    from sd import attention_maps as am
+
+    gallery, info = client.predict(**FORM, width=64, height=64, api_name="/attention_sd1")
+    assert [g["caption"] for g in gallery] == ["1 a (weight 1.00)", "2 red (weight 1.00)", "3 circle (weight 1.00)",
+                                               "4 on (weight 1.00)", "5 a (weight 1.00)", "6 blue (weight 1.00)",
+                                               "7 background (weight 1.00)"]
+    assert [w["word"] for w in info["words"]] == ["a", "red", "circle", "on", "a", "blue", "background"]
+    p = GenerateParams(prompt=PROMPT, width=64, height=64, steps=2, cfg=5.0, seed=3, sampler="euler")
+    res, maps = am.generate_with_maps(demo, p)
+    want = am.overlay(res.images[0], maps.token_map(3))
+    assert Image.open(gallery[2]["image"]).convert("RGB").tobytes() == want.tobytes()
+    assert info["total"] == maps.total and info["evaluations"] == 2

@@ -409,7 +409,11 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
         raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
     vae = (resolve_vae(s.get("vae"), path, ctx.index.root, app_extras.extras_of(ctx).vae_dir)
            if path != ctx.demo_path else None)
-    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae)
+    from sd.text_encoders import TextSources
+
+    bert_vocab = app_extras.extras_of(ctx).bert_vocab   # LDM text models: --bert-vocab (sd.ldm_bert.find_vocab)
+    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae,
+                          **({"sources": TextSources(bert_vocab=str(bert_vocab))} if bert_vocab else {}))
     refiner = None
     if s.get("refiner") and s["refiner"] != NO_REFINER:
         if not refiner_of(spec.family):
@@ -705,6 +709,8 @@ def input_component(inp: Input, elem_id: str):
         return gr.Number(inp.default, **kw)
     if inp.kind == "choice":
         return gr.Dropdown(list(inp.choices), value=inp.default, **kw)
+    if inp.kind == "text" and inp.choices:   # suggestions (the ImageNet class picker); other values typed are kept
+        return gr.Dropdown(list(inp.choices), value=inp.default, allow_custom_value=True, filterable=True, **kw)
     if inp.kind == "bool":
         return gr.Checkbox(value=bool(inp.default), **kw)
     return gr.Textbox(value=inp.default or "", **kw)

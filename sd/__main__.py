@@ -153,6 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sources = TextSources(folder=args.text_encoders, t5_tokenizer=args.t5_tokenizer, t5=getattr(args, "no_t5") is None,
                           keep=args.keep_text_encoders, t5_device=check_device(args.t5_device, "--t5-device"))
+    from dataclasses import replace
+
+    sources = replace(sources, bert_vocab=args.bert_vocab)   # the LDM text models' BERT vocabulary (issue 11)
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources,
                        vae=_vae_file(args.vae, path))
     inputs = _request_inputs(args, model.family)
@@ -271,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "text_encoders/ or clip/ beside the checkpoint or in the models folder)")
     g.add_argument("--t5-tokenizer", default=None, metavar="PATH",
                    help="SD3/3.5: T5's spiece.model or tokenizer.json (default: beside the T5 file)")
+    g.add_argument("--bert-vocab", default=None, metavar="PATH",
+                   help="LDM txt2img-f8-large / text2img256: BERT's uncased vocab.txt (default: beside the checkpoint, "
+                        "in the models folder or its text_encoders/ folder)")
     g.add_argument("--keep-text-encoders", action="store_true",
                    help="SD3/3.5: keep CLIP-L/G and T5 loaded between requests (default: loaded to encode the "
                         "prompts, freed before the MMDiT runs)")

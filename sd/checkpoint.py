@@ -64,6 +64,8 @@ IGNORE_RULES: tuple[tuple[str, str], ...] = (
     (r"first_stage_model\.loss\..*", "autoencoder training loss (LPIPS / discriminator)"),
     (r"loss\..*", "autoencoder training loss (LPIPS / discriminator) of a standalone first-stage file"),
     (r"v_pred|ztsnr", "ComfyUI marker key (read by detection)"),
+    (r"scale_factor", "LDM latent scale buffer (read by the family, sd/families/ldm.py)"),
+    (r"cond_stage_model\.transformer\.to_logits\.(weight|bias)", "LDM text transformer's unused logits head"),
     (r"text_encoders\.clip_l\.transformer\.text_projection\.weight",
      "SD3 bundles' CLIP-L projection (SD3 feeds CLIP-L's pooled output unprojected)"),
 )

@@ -29,6 +29,10 @@ class UNetConfig:
     legacy_attention: bool = False             # openaimodel's AttentionBlock (GroupNorm, qkv conv1d, proj_out)
                                                # instead of the SpatialTransformer, where transformer_depth > 0
                                                # (unconditional / super-resolution LDMs: `input_blocks.N.1.qkv`)
+    use_scale_shift_norm: bool = False         # ResBlock emb_layers give (scale, shift): h = norm(h) * (1 + scale)
+                                               # + shift (openaimodel; LDM lsun_churches256: emb_layers.1 is 2C wide)
+    resblock_updown: bool = False              # down/upsampling by ResBlocks (avg-pool / nearest inside the block)
+                                               # instead of Downsample / Upsample (LDM churches, inpainting_big)
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, channels per head) of an attention layer of this width."""

@@ -25,10 +25,12 @@ OFFICIAL: dict[str, tuple[str, str, str]] = {
                      "SDXL refiner 1.0, 6.1 GB"),
     "t5-tokenizer": ("google/t5-v1_1-xxl", "spiece.model",
                      "T5-XXL sentencepiece tokenizer of SD3 / 3.5, 0.8 MB (into text_encoders/)"),
+    "bert-vocab": ("google-bert/bert-base-uncased", "vocab.txt",
+                   "BERT uncased vocab.txt of the LDM text models, 0.2 MB (into text_encoders/)"),
 }
 
 # name -> the models folder's sub-folder it goes into (SD3's T5 tokenizer: where sd.text_encoders looks for it)
-SUBFOLDER: dict[str, str] = {"t5-tokenizer": "text_encoders"}
+SUBFOLDER: dict[str, str] = {"t5-tokenizer": "text_encoders", "bert-vocab": "text_encoders"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     used go to spec.notes (shown with every result)."""
     ckpt = open_checkpoint(path)
     spec = detect(ckpt.shapes(), prediction=prediction)
+    if get_family(spec.family).latent_from_file is not None:   # a latent scale stored in the file (LDM scale_factor)
+        latent, note = get_family(spec.family).latent_from_file(ckpt, spec.latent)
+        spec = replace(spec, latent=latent, notes=(*spec.notes, note) if note else spec.notes)
     device, dtype = torch.device(device), parse_dtype(dtype)
     parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources)
     if vae is None and spec.vae is None:   # a file without a VAE (SD3.5 MMDiT-only): one from a vae/ folder

@@ -12,6 +12,8 @@ checkpoint prefix (`cfg.prefix`) is stripped:
                     `text_projection` (a matrix used as `x @ P`).
   naming "class"    LDM's `ClassEmbedder` (Rombach et al. 2022, cin256): `embedding` (n_classes, width), one
                     row per ImageNet class (+ the null class 1000 of cin256-v2); not a text tower, no prompts.
+  naming "ldm_bert" LDM's x-transformers text transformer (txt2img-f8-large, text2img256): sd/ldm_bert.py's
+                    LDMBert, built by `build_text_encoder`.
 Optional keys in files (`*.position_ids`, `logit_scale`) are ignored by the loader.
 
 `encode_prompt` turns a prompt into the cross-attention context the way AUTOMATIC1111 does: 75-token
@@ -223,6 +225,10 @@ class TextEncoder(nn.Module):
 
 def build_text_encoder(cfg: TextEncoderConfig, device=None, dtype=None) -> TextEncoder:
     """A TextEncoder in eval mode; device="meta" builds it without allocating (then load with assign)."""
+    if cfg.naming == "ldm_bert":   # LDM's x-transformers text transformer (txt2img-f8-large): sd/ldm_bert.py
+        from sd.ldm_bert import LDMBert
+
+        return LDMBert(cfg, device=device, dtype=dtype).eval()
     return TextEncoder(cfg, device=device, dtype=dtype).eval()
 
 
@@ -236,7 +242,7 @@ def ignorable_key(name: str) -> bool:
 
 @lru_cache(maxsize=32)
 def _expected_keys(cfg: TextEncoderConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    module = TextEncoder(dataclasses.replace(cfg, prefix=""), device="meta")
+    module = build_text_encoder(dataclasses.replace(cfg, prefix=""), device="meta")
     return tuple((k, tuple(v.shape)) for k, v in module.state_dict().items())
 
 

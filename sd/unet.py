@@ -8,6 +8,7 @@ Module attribute names equal the checkpoint keys with `model.diffusion_model.` s
     label_emb                              Embedding (x4 upscaler) or .0.{0,2} Seq(Linear, SiLU, Linear) (adm)
     input_blocks.0.0                       conv_in
     input_blocks.N.{0 ResBlock, 1 SpatialTransformer?} / input_blocks.N.0.op  Downsample
+                                           (resblock_updown: input_blocks.N.0 / output_blocks.N.{1|2} are ResBlocks)
                                            (the unconditional LDMs: 1 = AttentionBlock, `cfg.legacy_attention`)
     middle_block.{0 ResBlock, 1 SpatialTransformer, 2 ResBlock}
     output_blocks.N.{0 ResBlock, 1 SpatialTransformer?, 1|2 Upsample}
@@ -74,21 +75,45 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, + Linear(emb) per channel, GN-SiLU-(dropout)-conv, + skip (1x1 conv if widths differ)."""
+    """GN-SiLU-conv, + Linear(emb) per channel, GN-SiLU-(dropout)-conv, + skip (1x1 conv if widths differ).
 
-    def __init__(self, ch: int, emb_ch: int, out_ch: int, dd: dict):
+    openaimodel's options (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", sec. 3; LDM churches /
+    inpainting_big): `scale_shift` (use_scale_shift_norm): emb_layers give 2 * out channels split into (scale, shift)
+    and h = out_norm(h) * (1 + scale) + shift replaces the addition; `updown` "down" / "up" (resblock_updown): the
+    block resamples (2x2 average pooling / nearest x2, or to `size`) both h (between in_layers' SiLU and its conv)
+    and the skip input x."""
+
+    def __init__(self, ch: int, emb_ch: int, out_ch: int, dd: dict, scale_shift: bool = False,
+                 updown: str | None = None):
         super().__init__()
+        self.scale_shift, self.updown = scale_shift, updown
         self.in_layers = nn.Sequential(
             nn.GroupNorm(32, ch, **dd), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1, **dd))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch, **dd))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch if scale_shift else out_ch, **dd))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(32, out_ch, **dd), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1, **dd))
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1, **dd)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)  # (B, out, H, W)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+    def _resample(self, x: Tensor, size: tuple[int, int] | None) -> Tensor:
+        if self.updown == "down":
+            return F.avg_pool2d(x, 2)                                   # (B, C, H/2, W/2)
+        return F.interpolate(x, size=tuple(size) if size is not None else None,
+                             scale_factor=None if size is not None else 2.0, mode="nearest")
+
+    def forward(self, x: Tensor, emb: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if self.updown:
+            h = self._resample(self.in_layers[:-1](x), size)
+            x = self._resample(x, size)
+            h = self.in_layers[-1](h)  # (B, out, H', W')
+        else:
+            h = self.in_layers(x)  # (B, out, H, W)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]        # (B, out or 2 out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
 
 
 class Downsample(nn.Module):
@@ -237,7 +262,7 @@ def run_block(block: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor | No
     """Apply one `input_blocks.N` / `middle_block` / `output_blocks.N` list (LDM's TimestepEmbedSequential)."""
     for layer in block:
         if isinstance(layer, ResBlock):
-            h = layer(h, emb)
+            h = layer(h, emb, up_size if layer.updown == "up" else None)
         elif isinstance(layer, SpatialTransformer):
             h = layer(h, context)
         elif isinstance(layer, Upsample):
@@ -263,6 +288,7 @@ class UNetModel(nn.Module):
         no_sa = tuple(cfg.disable_self_attn) or (False,) * levels
         assert len(depth) == levels and len(no_sa) == levels, "per-level tuples must match channel_mult"
         emb_ch = 4 * mc
+        ss = cfg.use_scale_shift_norm
 
         def transformer(ch: int, d: int, disable_sa: bool) -> nn.Module:
             heads, dim_head = cfg.heads(ch)
@@ -283,20 +309,21 @@ class UNetModel(nn.Module):
         skips, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mc * mult, dd)]
+                layers = [ResBlock(ch, emb_ch, mc * mult, dd, ss)]
                 ch = mc * mult
                 if depth[level] > 0:
                     layers.append(transformer(ch, depth[level], no_sa[level]))
                 self.input_blocks.append(nn.ModuleList(layers))
                 skips.append(ch)
             if level != levels - 1:
-                self.input_blocks.append(nn.ModuleList([Downsample(ch, dd)]))
+                down = ResBlock(ch, emb_ch, ch, dd, ss, "down") if cfg.resblock_updown else Downsample(ch, dd)
+                self.input_blocks.append(nn.ModuleList([down]))
                 skips.append(ch)
 
-        middle = [ResBlock(ch, emb_ch, ch, dd)]
+        middle = [ResBlock(ch, emb_ch, ch, dd, ss)]
         if cfg.transformer_depth_middle > 0:
             middle.append(transformer(ch, cfg.transformer_depth_middle, False))
-        middle.append(ResBlock(ch, emb_ch, ch, dd))
+        middle.append(ResBlock(ch, emb_ch, ch, dd, ss))
         self.middle_block = nn.ModuleList(middle)
 
         # way up: num_res_blocks + 1 blocks per level, each concatenating one skip
@@ -304,12 +331,12 @@ class UNetModel(nn.Module):
         for level in reversed(range(levels)):
             out_ch = mc * cfg.channel_mult[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), emb_ch, out_ch, dd)]
+                layers = [ResBlock(ch + skips.pop(), emb_ch, out_ch, dd, ss)]
                 ch = out_ch
                 if depth[level] > 0:
                     layers.append(transformer(ch, depth[level], no_sa[level]))
                 if level != 0 and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch, dd))
+                    layers.append(ResBlock(ch, emb_ch, ch, dd, ss, "up") if cfg.resblock_updown else Upsample(ch, dd))
                 self.output_blocks.append(nn.ModuleList(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch, **dd), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1, **dd))

@@ -27,7 +27,8 @@ class Input:
     default: Any = None                        # used when the request leaves it out (None: no value)
     min: float | None = None                   # number: bounds (inclusive)
     max: float | None = None
-    choices: tuple[str, ...] = ()              # choice: the allowed values
+    choices: tuple[str, ...] = ()              # choice: the allowed values; text: suggestions (a dropdown that
+                                               # also takes a typed value: the ImageNet class picker)
     required: bool = False                     # a request without it is refused (ValueError naming it)
     help: str = ""                             # one sentence for tooltips and --help
     cli: str = ""                              # CLI flag; "" = "--" + name with dashes
@@ -124,6 +125,9 @@ class Family:
                                                # inputs the family fills from its own parts before the run (depth:
                                                # the MiDaS estimate when no map is given) and (caption, image) pairs
                                                # shown with the result (the depth map used)
+    latent_from_file: Callable[[Any, LatentFormat], tuple[LatentFormat, str]] | None = None
+                                               # (checkpoint, the declared latent) -> (the latent this file uses,
+                                               # a note): LDM's `scale_factor` buffer (scale_by_std models)
     ays_table: str = "sd1"                     # which of NVIDIA's Align Your Steps tables the "Align Your Steps"
                                                # schedule uses (sd.schedules.AYS_TABLES; A1111: "sdxl" for SDXL)
     # --- the checkpoint card (sd.card): plain words a learner can follow

@@ -10,26 +10,38 @@ Families (app tab "ldm"):
   `cond_stage_model.embedding` (ClassEmbedder) as a (B, 1, D) crossattn; cin256-v2 has the null class 1000 that
   classifier-free guidance uses as the unconditional branch (cin256 has none: CFG is not available); both run.
 - `ldm-bsr-sr`: 4x super-resolution, the low-res image (= the latent size) as a 3-channel concat; runs.
-- detected and loaded, not run yet: `ldm-semantic` (segmentation map concat),
-  `ldm-txt2img-f8-large` / `ldm-text2img256` (the LDM BERT text transformer), `ldm-layout2img` (bounding-box
+- `ldm-uncond-kl-f8`: unconditional LSUN churches 256 (KL-f8, scale-shift-norm ResBlocks with resblock_updown, the
+  latent scale from the file's `scale_factor` buffer: scale_by_std); runs.
+- `ldm-inpainting-big`: inpainting (VQ-f4 without attention; the masked image through the cond stage, a copy of the
+  first stage, + the mask as a 4-channel concat; resblock_updown); runs.
+- `ldm-txt2img-f8-large` (KL-f8) / `ldm-text2img256` (VQ-f4): text-to-image with LDM's own text transformer
+  (sd/ldm_bert.py) over BERT's uncased WordPiece vocabulary (a vocab.txt the user provides); run.
+- detected and loaded, not run yet: `ldm-semantic` (segmentation map concat), `ldm-layout2img` (bounding-box
   tokens through the same transformer), `ldm-rdm` (retrieval database).
 Recognised by structure only: which first stage (VQ or KL, its latent channels and factor), which cond stage (class
-embedding, text transformer, channel mapper, none), concat channels, the legacy attention blocks. lsun_churches256 and
-inpainting_big (scale-shift-norm ResBlocks with resblock_updown) are not recognised yet.
+embedding, text transformer, channel mapper, a first-stage copy, none), concat channels, the legacy attention blocks.
 
 Conventions (issue 11): sigmas from the file's `alphas_cumprod` buffer (k-diffusion's CompVisDenoiser); attention
 heads, which shapes cannot tell, from each released config (32 channels per head for celeba/ffhq/beds, cin256 v1,
-text2img256, bsr_sr; 1 head for cin256-v2; 8 heads for txt2img-f8-large); decode = quantize to the nearest code,
-post_quant_conv, decoder (sd.vq.VQModel.decode).
+text2img256, bsr_sr; 1 head for cin256-v2; 8 heads for txt2img-f8-large, lsun_churches256 and inpainting_big);
+the latent scale is the file's `scale_factor` buffer where it has one, else the released config's; decode = z / scale,
+quantize to the nearest code, post_quant_conv, decoder (sd.vq.VQModel.decode).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import CheckpointError, ignore_reason
 
 from ..config import LatentFormat, TextEncoderConfig, VQConfig
-from ..inpaint import image_to_tensor, load_image
-from .common import batched
+from ..inpaint import image_to_tensor, load_image, mask_to_tensor
+from .common import INPAINT_INPUTS, batched, inpaint_check
 from .family import Family, Input
 from .shapes import detect_first_stage, has
 
@@ -37,10 +49,13 @@ COND = "cond_stage_model."
 CLASS_KEY = COND + "embedding.weight"            # ClassEmbedder (n_classes, D)
 BERT = COND + "transformer.attn_layers."          # x-transformers TransformerWrapper (BERTEmbedder)
 MAPPER = COND + "channel_mapper.weight"           # SpatialRescaler (semantic synthesis)
+COND_VQ = COND + "quantize.embedding.weight"      # cond stage = the first stage (inpainting_big, __is_first_stage__)
+TEXT = COND + "transformer."                      # the BERTEmbedder's TransformerWrapper
 NULL_CLASS = 1000                                 # cin256-v2's unconditional class (ClassEmbedder n_classes 1001)
 
 VQ_F4 = LatentFormat(scale=1.0, shift=0.0, channels=3, factor=4)    # released configs: scale_factor 1.0
 VQ_F8 = LatentFormat(scale=1.0, shift=0.0, channels=4, factor=8)
+KL_F8_STD = LatentFormat(scale=1.0, shift=0.0, channels=4, factor=8)  # lsun_churches: the file's scale_factor
 KL_F8 = LatentFormat(scale=0.18215, shift=0.0, channels=4, factor=8)  # txt2img-f8-large.yaml scale_factor
 KL_F16 = LatentFormat(scale=0.22765929, shift=0.0, channels=16, factor=16)  # rdm_768x768 config
 # Latent -> RGB previews: the VQ/KL latents are not RGB; a neutral grey mapping of the first channels.
@@ -77,6 +92,16 @@ def _no_cond(shapes) -> bool:
 def uncond(shapes, unet) -> bool:
     """No cond stage, the legacy AttentionBlock, a VQ first stage (celeba / ffhq / lsun beds; bsr_sr by concat)."""
     return _no_cond(shapes) and unet.legacy_attention and not unet.context_dim and _vq(shapes)
+
+
+def uncond_kl(shapes, unet) -> bool:
+    """No cond stage, the legacy AttentionBlock, a KL first stage (lsun_churches256)."""
+    return _no_cond(shapes) and unet.legacy_attention and not unet.context_dim and _kl(shapes)
+
+
+def first_stage_cond(shapes, unet) -> bool:
+    """The cond stage is a VQ first stage (inpainting_big: `cond_stage_model.quantize`), the legacy AttentionBlock."""
+    return COND_VQ in shapes and _vq(shapes) and unet.legacy_attention and not unet.context_dim
 
 
 def classes(shapes, unet) -> bool:
@@ -125,6 +150,25 @@ def build_class(shapes, unet):
     return detect_first_stage(shapes), (class_tower(shapes),)
 
 
+def build_text(shapes, unet):
+    from ..ldm_bert import bert_config
+
+    return detect_first_stage(shapes), (bert_config(shapes, TEXT),)
+
+
+def file_scale(ckpt, latent: LatentFormat) -> tuple[LatentFormat, str]:
+    """The latent scale of this file: its `scale_factor` buffer where it has one (scale_by_std: lsun_churches256,
+    set to 1 / std of the first training batch's latents and saved), else the released config's (`latent`)."""
+    if "scale_factor" not in ckpt.shapes():
+        return latent, ""
+    t = ckpt.get("scale_factor").float().reshape(-1)
+    v = float(t[0]) if t.numel() == 1 else float("nan")
+    if not (math.isfinite(v) and v > 0):
+        return latent, (f"the file's scale_factor buffer is not a positive number ({v:g}): the released config's "
+                        f"{latent.scale:g} is used")
+    return replace(latent, scale=v), f"latent scale factor {v:.6g} from the file's scale_factor buffer"
+
+
 # ------------------------------------------------------------------------------------------------ conditioning
 
 
@@ -161,8 +205,9 @@ def class_label_text(idx: int) -> str:
     return f"{idx}: {imagenet_classes()[idx]}"
 
 
-CLASS_INPUT = Input("class_label", "text", "ImageNet class", default="88",
-                    help="An ImageNet-1k class: its index 0..999 (88 = macaw) or its name ('golden retriever').")
+CLASS_INPUT = Input("class_label", "text", "ImageNet class", default="88: macaw",
+                    choices=tuple(f"{i}: {n}" for i, n in enumerate(imagenet_classes())),
+                    help="An ImageNet-1k class: pick its name, or type its index 0..999 (88 = macaw) or its name.")
 
 
 def check_class(inputs: dict) -> None:
@@ -197,7 +242,93 @@ def class_infotext(kw: dict) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ the table
 
-_COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod")
+# ------------------------------------------------------------------------------------------------ text (BERT)
+
+VOCAB_MISSING = ("needs BERT's uncased WordPiece vocabulary (vocab.txt of bert-base-uncased): put vocab.txt beside the "
+                 "checkpoint, in the models folder or its text_encoders/ folder, give --bert-vocab PATH, or run "
+                 "`python -m sd download bert-vocab` where the Hugging Face hub is reachable")
+
+
+def bert_text_parts(ckpt, spec, sources, device, dtype):
+    """Load the text transformer (the file's `cond_stage_model.transformer.*`, its unused to_logits left out by rule)
+    and attach the BERT tokenizer of the vocab.txt found by sd.ldm_bert.find_vocab (CheckpointError, one line, when
+    there is none or it is not a BERT vocabulary)."""
+    from ..ldm_bert import find_vocab, load_tokenizer
+    from ..text import build_text_encoder, load_text_encoder_weights
+    from ..text_encoders import TextSources, search_folders
+
+    cfg = spec.text_encoders[0]
+    sources = sources or TextSources()
+    label = next((f.label for f in FAMILIES if f.name == spec.family), spec.family)
+    try:
+        path = find_vocab(ckpt.path, getattr(sources, "bert_vocab", None), search_folders(ckpt.path, sources))
+        if path is None:
+            raise CheckpointError(f"{label} {VOCAB_MISSING}")
+        tokenizer = load_tokenizer(path, cfg.vocab_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    enc = build_text_encoder(cfg, device="meta")
+    keys = [k for k in ckpt.shapes() if k.startswith(cfg.prefix) and ignore_reason(k) is None]
+    load_text_encoder_weights(enc, {k[len(cfg.prefix):]: ckpt.get(k) for k in keys}, cfg)
+    enc = enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    enc.tokenizer = tokenizer
+    where = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return SimpleNamespace(modules=(enc,), configs=(cfg,), notes=(f"tokenizer: BERT uncased WordPiece ({where})",))
+
+
+def bert_condition(parts, spec, request, generator=None) -> tuple[dict, dict]:
+    """crossattn = the text transformer's output (B, 77, D) of the prompt; the unconditional branch is the negative
+    prompt ("" by default), encoded (LDM's scripts/txt2img.py: get_learned_conditioning([""]))."""
+    from ..ldm_bert import encode
+
+    enc = parts.text_encoders[0]
+    cond, uncond = encode(enc, [request.prompt]), encode(enc, [request.negative_prompt or ""])   # (1, 77, D) each
+    return batched({"crossattn": cond}, request.batch_size), batched({"crossattn": uncond}, request.batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+
+INPAINT_CONCAT = (("masked_image", 3), ("mask", 1))   # scripts/inpaint.py: cat(cond_stage(masked image), mask)
+
+
+def inpaint_extras(ckpt, spec, device, dtype) -> dict:
+    """The cond stage (`cond_stage_model.*`): a VQ autoencoder of the first stage's config (the same object in the
+    released file, saved twice), loaded strictly from its own tensors."""
+    from ..vq import build_first_stage
+
+    m = build_first_stage(spec.vae, device="meta")
+    try:
+        m.load_state_dict(ckpt.tensors(COND), strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"cond stage: {str(e).splitlines()[0][:300]}") from None
+    return {"cond_stage": m.to(device=device, dtype=dtype).eval().requires_grad_(False)}
+
+
+def inpaint_tensors(spec) -> dict[str, dict[str, tuple[int, ...]]]:
+    from ..vq import build_first_stage
+
+    return {"cond_stage": {COND + k: tuple(v.shape)
+                           for k, v in build_first_stage(spec.vae, device="meta").state_dict().items()}}
+
+
+def inpaint_condition(parts, spec, request, generator=None) -> tuple[dict, None]:
+    """inpainting_big (scripts/inpaint.py): m = (mask / 255 >= 0.5) (white = repaint), masked image =
+    (1 - m) * image in [0, 1], both then * 2 - 1; concat = [cond_stage.encode(masked image) (B, 3, h, w) (the
+    pre-quantisation latent, no codebook lookup), F.interpolate(2m - 1, (h, w)) nearest (B, 1, h, w)]. No
+    unconditional branch."""
+    image = image_to_tensor(load_image(request.inputs["image"], "image"))   # (1, 3, H, W) in [-1, 1]
+    m = mask_to_tensor(load_image(request.inputs["mask"], "mask"))          # (1, 1, H, W) in {0, 1}
+    masked = torch.where(m > 0.5, torch.full_like(image, -1.0), image)     # (1 - m) * x01 * 2 - 1
+    stage = parts.extras["cond_stage"]
+    p = next(stage.parameters())
+    with torch.no_grad():
+        c = stage.encode(masked.to(p.device, p.dtype)).float()             # (1, 3, h, w)
+    cc = F.interpolate(2 * m - 1, size=c.shape[-2:]).to(c.device)          # (1, 1, h, w)
+    return batched({"concat": torch.cat([c, cc], dim=1)}, request.batch_size), None
+
+
+_COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod",
+               latent_from_file=file_scale)
 # The checkpoint card's words (sd.card): what each LDM ("SD v0", Rombach et al. 2022) model is.
 _LDM = "the original latent diffusion model: a UNet denoising in a pretrained autoencoder's latent space"
 _CLASS_WORDS = (("crossattn", "the learned embedding of the ImageNet class (one token)"),)
@@ -235,8 +366,6 @@ LDM_CIN = Family(
 # the x-transformers TransformerWrapper's own names (never a CLIP tower's `cond_stage_model.transformer.text_model.`)
 _BERT_PREFIXES = tuple(COND + "transformer." + p for p in ("token_emb.", "pos_emb.", "attn_layers.", "norm.",
                                                                      "to_logits."))
-_BERT_PART = tuple((p, "the LDM BERT text transformer (x-transformers) and its WordPiece tokenizer: not run yet")
-                   for p in _BERT_PREFIXES)
 
 SR_INPUTS = (
     Input("image", "image", "Low-res image", required=True, cli="--init-image", scale=4,
@@ -273,19 +402,18 @@ LDM_SEMANTIC = Family(
 
 LDM_TXT_F8 = Family(
     name="ldm-txt2img-f8-large", label="LDM text-to-image (txt2img-f8-large, KL-f8)",
-    matches=bert(True, _kl), build=build_plain, latent=KL_F8, schedule=(0.00085, 0.012, 1000), preview=_SD_RGB4,
-    unet_config=_heads(count=8), preset="ldm-waiting", parts=_BERT_PART, evidence=(BERT,),
+    matches=bert(True, _kl), build=build_text, latent=KL_F8, schedule=(0.00085, 0.012, 1000), preview=_SD_RGB4,
+    unet_config=_heads(count=8), condition=bert_condition, text_parts=bert_text_parts, preset="ldm-txt2img",
+    evidence=(BERT,),
     about=_LDM + " (KL-f8) with its own BERT-like text transformer; the direct ancestor of SD 1.x",
-    unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
     **_COMMON,
 )
 
 LDM_TXT_256 = Family(
     name="ldm-text2img256", label="LDM text-to-image 256 (text2img256, VQ-f4)", matches=bert(True, _vq),
-    build=build_plain, latent=VQ_F4, schedule=(0.0015, 0.0195, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
-    preset="ldm-waiting", parts=_BERT_PART, evidence=(BERT,),
+    build=build_text, latent=VQ_F4, schedule=(0.0015, 0.0195, 1000), preview=_GREY3, unet_config=_heads(per_head=32),
+    condition=bert_condition, text_parts=bert_text_parts, preset="ldm-txt2img", evidence=(BERT,),
     about=_LDM + " (VQ-f4) with its own BERT-like text transformer, at 256 px",
-    unsupported="not run yet: the LDM BERT text transformer and its WordPiece vocabulary are not implemented yet",
     **_COMMON,
 )
 
@@ -306,4 +434,22 @@ LDM_RDM = Family(
     about=_LDM + " (KL-f16) conditioned on retrieved CLIP neighbours", evidence=("!" + COND,),
 )
 
-FAMILIES = (LDM_UNCOND, LDM_CIN_V2, LDM_CIN, LDM_BSR, LDM_SEMANTIC, LDM_TXT_F8, LDM_TXT_256, LDM_LAYOUT, LDM_RDM)
+LDM_CHURCHES = Family(
+    text=False,
+    name="ldm-uncond-kl-f8", label="LDM unconditional 256 (LSUN churches, KL-f8)", matches=uncond_kl,
+    build=build_plain, latent=KL_F8_STD, condition=no_condition, schedule=(0.0015, 0.0155, 1000), preview=_GREY4,
+    unet_config=_heads(count=8), preset="ldm-uncond-kl", **_COMMON,
+    notes=("scale-shift-norm ResBlocks with resblock_updown; the latent scale is the file's scale_factor buffer",),
+)
+
+LDM_INPAINT = Family(
+    text=False,
+    name="ldm-inpainting-big", label="LDM inpainting (inpainting_big, VQ-f4)", matches=first_stage_cond,
+    build=build_plain, latent=VQ_F4, concat=INPAINT_CONCAT, schedule=(0.0015, 0.0205, 1000), preview=_GREY3,
+    unet_config=_heads(count=8), condition=inpaint_condition, inputs=INPAINT_INPUTS, check=inpaint_check,
+    extras=inpaint_extras, extra_tensors=inpaint_tensors, preset="ldm-inpainting", **_COMMON,
+    notes=("returns the model's output everywhere (scripts/inpaint.py pastes the original back outside the mask)",),
+)
+
+FAMILIES = (LDM_UNCOND, LDM_CIN_V2, LDM_CIN, LDM_BSR, LDM_SEMANTIC, LDM_TXT_F8, LDM_TXT_256, LDM_LAYOUT, LDM_RDM,
+            LDM_CHURCHES, LDM_INPAINT)

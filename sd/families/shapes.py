@@ -36,9 +36,15 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
     linear = False
     legacy = False    # openaimodel's AttentionBlock (`N.1.qkv`) instead of a SpatialTransformer (LDM uncond / SR)
     context_dim = 0
+    # resblock_updown (openaimodel; LDM churches / inpainting_big): the up-sampling ResBlock is a second ResBlock in
+    # an output block (`output_blocks.N.{1|2}.in_layers`), one per level but the last; with nrb + 1 output blocks per
+    # level, the input blocks at multiples of nrb + 1 are the down-sampling ResBlocks
+    n_out = _count(shapes, p + "output_blocks.{}.")
+    n_up = sum(any(f"{p}output_blocks.{i}.{k}.in_layers.0.weight" in shapes for k in (1, 2)) for i in range(n_out))
+    per_level = n_out // (n_up + 1) if n_up else 0
     for i in range(1, n_in):
         b = f"{p}input_blocks.{i}."
-        if b + "0.op.weight" in shapes:
+        if b + "0.op.weight" in shapes or (per_level and i % per_level == 0):
             levels.append([])
             continue
         if b + "0.out_layers.3.weight" not in shapes:
@@ -82,6 +88,8 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
     # Heads by each family's rule: conv proj_in (SD1) and the x4 upscaler (class-embedded) use 8 heads;
     # the linear SD2/SDXL UNets use 64 channels per head.
     by_count = not linear or num_classes > 0
+    emb1 = shapes.get(p + "input_blocks.1.0.emb_layers.1.weight", (0,))[0]
+    scale_shift = emb1 == 2 * shapes.get(p + "input_blocks.1.0.out_layers.3.weight", (-1,))[0]
     return UNetConfig(
         in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mult), num_res_blocks=nrb,
         transformer_depth=tuple(depths), transformer_depth_middle=mid_depth, context_dim=context_dim,
@@ -90,6 +98,7 @@ def detect_unet(shapes: Shapes, prefix: str = UNET) -> UNetConfig:
         disable_self_attn=tuple(disable_self[: len(mult)] + [False] * (len(mult) - len(disable_self)))
         if any(disable_self) else (),
         **({"legacy_attention": True} if legacy else {}),
+        **({"use_scale_shift_norm": True} if scale_shift else {}), **({"resblock_updown": True} if n_up else {}),
     )
 
 

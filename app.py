@@ -443,7 +443,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     if not 1 <= count <= MAX_BATCH_COUNT:
         raise ValueError(f"batch count must be between 1 and {MAX_BATCH_COUNT}, got {count}")
     _params(s, seed)  # refuse a malformed request before loading anything
-    app_extras.check(s)
+    app_extras.check(ctx, s)
     model, refiner = _load(ctx, tab, s)
     inputs, finish, notes = family_inputs(model.family, s, _num(s, "width"), _num(s, "height"))
     every = preview_every(steps)

@@ -108,8 +108,47 @@ def prepare(ctx, s: dict) -> dict:
     return s
 
 
-def hires_of(s: dict) -> Hires | None:
-    """The request's hires fix, or None when it is off."""
+def upscaler_models(ctx) -> dict[str, Path]:
+    """{listed name: file} of the models folder's image-upscaler checkpoints: families whose image input makes a
+    larger output (Input.scale > 1: the SD 2 x4 upscaler), offered as hires-fix upscalers by their listed name."""
+    from sd.families import get_family
+
+    def scale(family: str) -> int:
+        try:
+            fam = get_family(family)
+        except KeyError:
+            return 1
+        return max((i.scale for i in fam.inputs if i.kind == "image"), default=1) if fam.runs else 1
+
+    return {e.name: e.path for e in ctx.index.scan() if e.family and scale(e.family) > 1}
+
+
+def model_upscaler(ctx, path: Path, s: dict):
+    """An sd.hires image upscaler running an upscaler checkpoint (cached like any model) at its preset's steps,
+    sampler, schedule and CFG on the request's prompts (LoRA tags removed: they are the base model's), its image
+    input at the pass-1 image and its other inputs at their defaults; the 4x result is resized to the target size
+    with Lanczos when it differs (as A1111 does after a fixed-scale upscaler)."""
+    from sd.lora import parse_prompt
+    from sd.pipeline import GenerateParams
+    from sd.presets import preset_for
+
+    def up(image: Image.Image, size: tuple[int, int], seed: int) -> Image.Image:
+        model = ctx.cache.get(path, ctx.device, ctx.dtype)
+        inp = max((i for i in model.family.inputs if i.kind == "image"), key=lambda i: i.scale)
+        pre = preset_for(model.spec, ctx.presets)
+        q = GenerateParams(prompt=parse_prompt(s.get("prompt") or "")[0],
+                           negative_prompt=parse_prompt(s.get("negative_prompt") or "")[0],
+                           width=image.width * inp.scale, height=image.height * inp.scale, steps=pre["steps"],
+                           cfg=pre["cfg"], seed=seed, sampler=pre["sampler"], schedule=pre["schedule"],
+                           inputs={inp.name: image.convert("RGB")})
+        out = generate(model, q).images[0]
+        return out if out.size == size else out.resize(size, Image.LANCZOS)
+
+    return up
+
+
+def hires_of(s: dict, external: tuple[str, ...] = ()) -> Hires | None:
+    """The request's hires fix, or None when it is off. `external`: upscaler names besides sd.hires' own."""
     if not s.get("hires"):
         return None
     num = lambda k, kind: kind(DEFAULTS[k] if s.get(k) is None else s[k])  # noqa: E731
@@ -119,7 +158,7 @@ def hires_of(s: dict) -> Hires | None:
                   denoise=num("hires_denoise", float), upscaler=str(s.get("hires_upscaler") or "Latent"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"hires fix: the sizes, steps and strength must be numbers ({e})") from None
-    h.check()
+    h.check(external)
     return h
 
 
@@ -133,9 +172,9 @@ def clip_skip_of(s: dict) -> int:
     return k
 
 
-def check(s: dict) -> None:
+def check(ctx, s: dict) -> None:
     """Refuse malformed extras before anything loads."""
-    hires_of(s)
+    hires_of(s, tuple(upscaler_models(ctx)) if s.get("hires") else ())
     clip_skip_of(s)
 
 
@@ -146,9 +185,11 @@ def run(ctx, s: dict, model, p, callback=None, stop=None):
     k = clip_skip_of(s)
     p = replace(p, clip_skip=k, loras_dir=str(ex.loras_dir) if ex.loras_dir else p.loras_dir,
                 embeddings_dir=str(ex.embeddings_dir) if ex.embeddings_dir else p.embeddings_dir)
-    h = hires_of(s)
-    res = generate_hires(model, p, h, callback=callback, stop=stop) if h else generate(model, p, callback=callback,
-                                                                                        stop=stop)
+    models = upscaler_models(ctx) if s.get("hires") else {}
+    h = hires_of(s, tuple(models))
+    external = {h.upscaler: model_upscaler(ctx, models[h.upscaler], s)} if h and h.upscaler in models else {}
+    res = (generate_hires(model, p, h, callback=callback, stop=stop, external=external) if h
+           else generate(model, p, callback=callback, stop=stop))
     if k != 1:
         res.info = {**res.info, "infotext": {**res.info.get("infotext", {}), "Clip skip": str(k)}}
     return res
@@ -271,8 +312,10 @@ def build_controls(ctx, tab: str, c: dict, fams) -> None:
     with gr.Accordion("Hires. fix", open=False, elem_id=f"{tab}-hires-accordion"):
         with gr.Row():
             c["hires"] = gr.Checkbox(False, label="Hires. fix", elem_id=f"{tab}-hires")
-            c["hires_upscaler"] = gr.Dropdown(list(UPSCALERS), value="Latent", label="Upscaler",
-                                              elem_id=f"{tab}-hires-upscaler")
+            c["hires_upscaler"] = gr.Dropdown([*UPSCALERS, *upscaler_models(ctx)], value="Latent", label="Upscaler",
+                                              elem_id=f"{tab}-hires-upscaler",
+                                              info="Latent: in latent space; Lanczos / Nearest: the image; an "
+                                                   "upscaler checkpoint (SD 2 x4) of the models folder: by it")
             c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0 = same as the first pass)",
                                          elem_id=f"{tab}-hires-steps")
             c["hires_denoise"] = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength",
@@ -298,7 +341,7 @@ def _picker(ctx, tab: str, c: dict) -> None:
         c["networks"] = gr.State([n.insert for n in nets])
         c["networks_gallery"] = gr.Gallery(gallery_items(nets), label="Extra networks", columns=6, height=260,
                                            allow_preview=False, elem_id=f"{tab}-networks", show_label=False)
-        c["networks_refresh"] = gr.Button("Refresh list and styles", size="sm", elem_id=f"{tab}-networks-refresh")
+        c["networks_refresh"] = gr.Button("Refresh the list, styles and upscalers", size="sm", elem_id=f"{tab}-networks-refresh")
 
     def pick(inserts, prompt, evt: gr.SelectData):
         i = evt.index if isinstance(evt.index, int) else (evt.index or [0])[0]
@@ -306,9 +349,10 @@ def _picker(ctx, tab: str, c: dict) -> None:
 
     def refresh():
         nets = listing()
-        return [n.insert for n in nets], gallery_items(nets), gr.Dropdown(choices=style_names(ctx))
+        return ([n.insert for n in nets], gallery_items(nets), gr.Dropdown(choices=style_names(ctx)),
+                gr.Dropdown(choices=[*UPSCALERS, *upscaler_models(ctx)]))
 
     c["networks_gallery"].select(pick, [c["networks"], c["prompt"]], c["prompt"], api_visibility="private",
                                  queue=False)
-    c["networks_refresh"].click(refresh, None, [c["networks"], c["networks_gallery"], c["styles"]],
+    c["networks_refresh"].click(refresh, None, [c["networks"], c["networks_gallery"], c["styles"], c["hires_upscaler"]],
                                 api_visibility="private")

@@ -131,3 +131,35 @@ def test_lora_from_the_loras_dir_flag(ctx, tmp_path):
     assert np.abs(plain - tagged).mean() > 1 and "Lora hashes" in out.infotext
     with pytest.raises(ValueError, match="styles file s.csv: no such file"):
         run(c, styles=["neon"])
+
+
+def test_x4_upscaler_checkpoint_as_hires_upscaler(ctx, tiny_files):
+    """An SD 2 x4 upscaler file in the models folder is offered as an upscaler; pass 2 then equals: the x4 model
+    (its preset's steps / sampler / CFG) on the pass-1 image, Lanczos to the target, img2img of N steps."""
+    from sd.pipeline import GenerateParams, generate
+
+    x4_path = ctx.index.root / "x4.safetensors"
+    shutil.copyfile(tiny_files("sd2_x4_upscaler"), x4_path)
+    x4 = ctx.cache.get(x4_path)
+    pre = {**ctx.presets["sd2-x4-upscaler"], "steps": 1}          # its 50 steps are the slow part of a CPU test
+    c = replace(ctx, presets={**ctx.presets, "sd2-x4-upscaler": pre})
+    try:
+        assert list(app_extras.upscaler_models(c)) == ["x4.safetensors"]
+        kw = dict(steps=1, width=32, height=40, hires_steps=1, hires_denoise=0.5, hires_scale=2)
+        out, img = run(c, hires=True, hires_upscaler="x4.safetensors", **kw)
+        assert img.shape == (80, 64, 3) and "Hires upscaler: x4.safetensors" in out.infotext
+        first = Image.open(run(c, steps=1, width=32, height=40)[0].gallery[0][0]).convert("RGB")
+        big = generate(x4, GenerateParams(prompt=SD1["prompt"], negative_prompt=SD1["negative_prompt"], width=128,
+                                          height=160, steps=1, cfg=pre["cfg"], seed=SD1["seed"],
+                                          sampler=pre["sampler"], schedule=pre["schedule"],
+                                          inputs={"image": first})).images[0]
+        p = app._params(app.fill_defaults(c, "sd1", dict(SD1, steps=1, width=32, height=40)), SD1["seed"])
+        sd1 = c.cache.get(c.index.resolve("sd1.safetensors"))
+        # pass 2: int(1 / 0.5) = 2 steps, the last 1 = the pipeline's img2img of 2 steps at strength 0.25
+        ref = generate(sd1, replace(p, width=64, height=80, steps=2, strength=0.25,
+                                    init_image=big.resize((64, 80), Image.LANCZOS), models_dir=str(c.index.root)))
+        assert np.array_equal(img, np.asarray(ref.images[0]).astype(int))
+        with pytest.raises(ValueError, match="unknown hires upscaler 'x5.safetensors'; choose one of .*x4.safetensors"):
+            run(c, hires=True, hires_upscaler="x5.safetensors")
+    finally:
+        x4_path.unlink()

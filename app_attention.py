@@ -16,6 +16,7 @@ import random
 import sys
 
 import gradio as gr
+from PIL import Image
 
 from sd import attention_maps as am
 
@@ -52,6 +53,13 @@ def run_with_maps(ctx, tab: str, s: dict, progress=None):
     return finish(res.images[0]), maps, seed
 
 
+def shown(image):
+    """The image as the view shows it: small ones (the demo's 64 px) enlarged by a whole factor, nearest neighbour
+    (the heat map is then upsampled to that size)."""
+    w, h = _app().preview_size(image.width, image.height)
+    return image if (w, h) == image.size else image.resize((w, h), Image.NEAREST)
+
+
 def token_gallery(image, maps: am.AttentionMaps) -> list[tuple]:
     """One heat map over the image per prompt token, captioned "I token (weight W)"."""
     return [(am.overlay(image, maps.token_map(i)), f"{i} {am.display_token(maps.tokens[i])} (weight "
@@ -76,6 +84,7 @@ def _handler(ctx, tab: str, names: tuple[str, ...], api: bool):
         if api:
             return token_gallery(image, maps), info
         ch = am.choices(maps)
+        image = shown(image)
         first = am.overlay(image, am.map_for_choice(maps, ch[0])) if ch else image
         status = (f"seed {seed}: {len(maps.words)} words, {maps.evaluations} conditional evaluations, "
                   f"{maps.layers} attention layers; the maps sum to {maps.total:g} at every position")

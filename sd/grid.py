@@ -31,6 +31,7 @@ from .schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES
 
 MAX_UNCONFIRMED = 300   # a grid of more cells runs only when confirmed (app: a checkbox; CLI: --yes)
 MAX_CELLS = 5000        # never more
+MIN_CELL = 128          # grid cells are drawn at least this large (the cell PNGs keep their own size)
 
 
 @dataclass(frozen=True)
@@ -374,9 +375,12 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 def draw_grid(images: list[list[Image.Image | None]], x_labels: list[str], y_labels: list[str],
               title: str = "") -> Image.Image:
     """One labelled grid: images[row][col] (None: a cell not run, left blank), column labels on top, row labels on
-    the left, an optional title above. Cells of different sizes are fitted into the largest cell's box."""
+    the left, an optional title above. Cells of different sizes are fitted into the largest cell's box; cells with a
+    side under MIN_CELL pixels are drawn enlarged (nearest neighbour, a whole factor)."""
     cw = max((im.width for row in images for im in row if im is not None), default=64)
     ch = max((im.height for row in images for im in row if im is not None), default=64)
+    up = -(-MIN_CELL // min(cw, ch))          # small cells (the demo's 64 px) are shown larger, by a whole factor
+    cw, ch = cw * up, ch * up
     fs = max(12, min(cw, ch) // 10)
     font = _font(fs)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -408,7 +412,7 @@ def draw_grid(images: list[list[Image.Image | None]], x_labels: list[str], y_lab
                 continue
             k = min(cw / im.width, ch / im.height)
             fit = im if k == 1 else im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))),
-                                              Image.LANCZOS)
+                                              Image.NEAREST if k == int(k) else Image.LANCZOS)
             out.paste(fit.convert("RGB"), (left + c * cw + (cw - fit.width) // 2,
                                            title_h + top + r * ch + (ch - fit.height) // 2))
     return out

@@ -65,8 +65,8 @@ def _no_family(shapes: Shapes, unet) -> CheckpointError:
                  "cond_stage_model.transformer.embeddings.token_embedding.weight",
                  "cond_stage_model.model.token_embedding.weight")
     if has(shapes, "cond_stage_model.") and not any(k in shapes for k in clip_keys):
-        return CheckpointError("unknown text encoder layout under cond_stage_model.* (latent-diffusion BERT models are "
-                               f"not supported). Found: {describe_contents(shapes)}")
+        return CheckpointError("unknown text encoder layout under cond_stage_model.* (no known family has it). "
+                               f"Found: {describe_contents(shapes)}")
     return CheckpointError(f"no known model family has a UNet with {unet.in_channels} input channels"
                            + (f" and a {unet.adm_in_channels}-wide vector" if unet.adm_in_channels else "")
                            + f" with these text encoders (known: {', '.join(f.name for f in _table())}). "

@@ -314,7 +314,8 @@ def _label_chunk(ids: list[int], ws: list[float]) -> tuple[list[str], list[float
 def token_labels(model, p, length: int) -> tuple[list[str], list[float]]:
     """Labels and A1111 weights of the `length` context positions of the request's prompt (its `<lora:...>` tags
     removed, as the run removes them). UNet families: the weighted 75-token chunks of sd.tokenizer; MMDiT: SD3's
-    CLIP tokens (sd.sd3_text.clip_tokens, unweighted) then the T5 positions, then the image entry."""
+    CLIP tokens (sd.sd3_text.clip_tokens, unweighted) then the T5 positions, then the image entry. A context from
+    another text model, or one these labels do not fit, gets numbered positions "#0", "#1", ..."""
     from .lora import parse_prompt
     from .tokenizer import EOT, tokenize_weighted
 
@@ -331,17 +332,24 @@ def token_labels(model, p, length: int) -> tuple[list[str], list[float]]:
             weights.append(1.0)
         labels.append(IMAGE_ENTRY)
         weights.append(1.0)
-    else:
-        pad = model.parts.text_encoders[0].cfg.pad_token if model.parts.text_encoders else EOT
+    elif clip_towers(model):
+        pad = model.parts.text_encoders[0].cfg.pad_token
         tokens, ws = tokenize_weighted(text, pad)
         for ids, w in zip(tokens.tolist(), ws.tolist()):
             lab, w = _label_chunk(ids, w)
             labels += lab
             weights += w
-    if len(labels) != length:   # e.g. textual-inversion vectors took other positions: plain numbers
+    if len(labels) != length:   # another tokenizer (LDM's BERT), or a prompt the BPE labels do not fit: numbers
         labels = [f"#{i}" for i in range(length)]
         weights = [1.0] * length
     return labels, weights
+
+
+def clip_towers(model) -> bool:
+    """True when the context comes from CLIP / OpenCLIP towers (their BPE tokens label its positions); other text
+    models (LDM's BERT) get numbered positions instead."""
+    encs = model.parts.text_encoders
+    return bool(encs) and all(getattr(getattr(e, "cfg", None), "naming", None) in ("hf", "openclip") for e in encs)
 
 
 def words_of(tokens: list[str], weights: list[float]) -> list[Word]:
@@ -349,7 +357,10 @@ def words_of(tokens: list[str], weights: list[float]) -> list[Word]:
     words: list[Word] = []
     cur: list[int] = []
     for i, t in enumerate(tokens):
-        if t.startswith("<") and t.endswith(">") or t.startswith("T5 #") or t == IMAGE_ENTRY or t.startswith("#"):
+        if t.startswith("#"):   # numbered positions (no BPE labels): each its own entry
+            words.append(Word(t, (i,), float(weights[i])))
+            continue
+        if t.startswith("<") and t.endswith(">") or t.startswith("T5 #") or t == IMAGE_ENTRY:
             cur = []
             continue
         cur.append(i)

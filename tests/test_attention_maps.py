@@ -127,6 +127,7 @@ def test_tokens_words_and_weights(demo) -> None:
     # a word of several tokens: its map is the sum of theirs
     w = am.words_of(["<start>", "sun", "flower</w>", "<end>"], [1.0, 1.2, 1.2, 1.0])
     assert w == [am.Word("sunflower", (1, 2), 1.2)]
+    assert am.words_of(["#0", "#1"], [1.0, 1.0]) == [am.Word("#0", (0,), 1.0), am.Word("#1", (1,), 1.0)]
 
 
 def test_overlay_is_the_colormap_of_the_scaled_map() -> None:

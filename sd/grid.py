@@ -6,7 +6,8 @@ given), sdxl_original_size / sdxl_target_size (WIDTHxHEIGHT) and sdxl_crop (LEFT
 (SD3's flow shift), lora (the weight of every `<lora:NAME:w>` tag of the prompt) and prompt (A1111's "Prompt S/R":
 the first value is searched for in the prompt and negative prompt, every value replaces it, the first included).
 Values are written as A1111 does: comma lists (csv quoting allowed), integer ranges "1-5", "1-10 (+2)", "10-1 (-3)",
-"1-10 [4]" (4 values spread evenly), the same with decimals for the number axes.
+"1-10 [4]" (4 values spread evenly), the same with decimals for the number axes. One deviation: a range without a
+step that runs down ("10-1") counts down by 1 (A1111 gives no values for it).
 
 `run_grid` plans every cell first (every value checked: a bad one is a one-line ValueError before anything runs),
 refuses a grid of more than MAX_UNCONFIRMED cells unless confirmed, then runs the cells grouped by checkpoint (each

@@ -4,8 +4,9 @@
 (keyed by file, device and dtype, least recently used evicted past a memory budget, safe across threads);
 `generate` is family-agnostic: request -> the family's conditioner (`sd.families`: SGM dicts of crossattn, vector,
 concat) -> classifier-free-guided denoiser -> sampler -> first-stage decode, with the conventions pinned in
-README.md (one CPU generator from the seed: the family's input-side draw first, then the starting noise;
-fractional timesteps; 8-bit rounding).
+README.md (image i of a batch has seed s + i and its own CPU generators, A1111's ImageRNG: one from s + i for the
+family's input-side draw, then the starting noise; one from s + i + 1 for the sampler's per-step noise; fractional
+timesteps; 8-bit rounding).
 """
 from __future__ import annotations
 
@@ -277,21 +278,66 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
 
 
 def seed_generator(seed: int) -> torch.Generator:
-    """The request's one generator: every random tensor is torch.randn(shape, generator=g, dtype=float32) from it,
-    in order (1) the family's input-side draw (inpaint: the masked image's posterior sample), (2) the starting noise."""
+    """An image's generator: every random tensor is torch.randn(shape, generator=g, dtype=float32) from it, in order
+    (1) the family's input-side draw (inpaint: the masked image's posterior sample), (2) the starting noise."""
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
+def image_seeds(p: GenerateParams) -> list[int]:
+    """The seed of each image of a batch: s + i (A1111's `all_seeds`), so image i equals a run of seed s + i alone."""
+    return [int(p.seed) + i for i in range(p.batch_size)]
+
+
+def image_generators(p: GenerateParams) -> list[torch.Generator]:
+    """One generator per image (A1111's ImageRNG): seed_generator(s + i)."""
+    return [seed_generator(s) for s in image_seeds(p)]
+
+
+def step_generators(p: GenerateParams) -> list[torch.Generator]:
+    """The per-step noise source of the samplers (sd.samplers: a list of generators draws image by image): one
+    CPU generator per image, seeded s + i + 1 (batch 1: the single generator seeded s + 1 of earlier versions)."""
+    return [torch.Generator("cpu").manual_seed(s + 1) for s in image_seeds(p)]
+
+
+def _cat_conds(parts: list[dict | None]) -> dict | None:
+    """Per-image condition dicts (each tensor (1, ...)) -> one dict of (B, ...) tensors; None stays None."""
+    if parts[0] is None:
+        return None
+    return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
+
+
+def per_image_condition(fam: Family, model: "LoadedModel", req: GenerateParams,
+                        gens: list[torch.Generator]) -> tuple[dict, dict | None]:
+    """The family's conditioning of a batch with one generator per image: image i's input-side draw (inpaint's
+    posterior sample, the x4 / unCLIP noise augmentation) comes from its own generator, as in a run of its seed
+    alone. A family that draws nothing (its generator's state unchanged) is conditioned once and repeated."""
+    one = replace(req, batch_size=1)
+    before = gens[0].get_state()
+    first = fam.condition(model.parts, model.spec, one, gens[0])
+    if len(gens) == 1:
+        return first
+    if torch.equal(gens[0].get_state(), before):
+        rest = [first] * (len(gens) - 1)
+    else:
+        rest = [fam.condition(model.parts, model.spec, one, g) for g in gens[1:]]
+    pairs = [first, *rest]
+    return _cat_conds([c for c, _ in pairs]), _cat_conds([u for _, u in pairs])
+
+
 def guided_denoiser(model: LoadedModel, p: GenerateParams,
-                    generator: torch.Generator | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+                    generator: torch.Generator | list[torch.Generator] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """The family's conditioning of the request (cond, uncond: crossattn / vector / concat) wrapped in CFG:
-    D(x, sigma). `generator`: the request's generator (a fresh one from the seed when None)."""
+    D(x, sigma). `generator`: one generator per image (image_generators; fresh ones from the seeds when None), or a
+    single generator shared by the batch."""
     fam = model.family
     if fam.condition is None:
         raise ValueError(f"{fam.name}: {fam.unsupported or 'this family is not implemented yet'}")
     req = replace(p, inputs=request_inputs(model.spec, p))
-    g = generator if generator is not None else seed_generator(p.seed)
-    cond, uncond = fam.condition(model.parts, model.spec, req, g)
+    g = generator if generator is not None else image_generators(p)
+    if isinstance(g, (list, tuple)):
+        cond, uncond = per_image_condition(fam, model, req, list(g))
+    else:
+        cond, uncond = fam.condition(model.parts, model.spec, req, g)
     net = network_net(model)
     tile = fam.tile if p.tile is None else p.tile
     f = model.spec.latent.factor
@@ -386,35 +432,48 @@ def tiled_net(net, tile: int, overlap: int):
     return run
 
 
+def _noise_of(p: GenerateParams, shape: tuple[int, ...], gens: list[torch.Generator]) -> Tensor:
+    """The starting noise (B, C, h, w): image i's from its own generator (the next draw after its input side), or
+    the request's initial_latent."""
+    if p.initial_latent is not None:
+        return p.initial_latent.float()
+    if len(gens) == 1:
+        return torch.randn(shape, generator=gens[0], dtype=torch.float32)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in gens])
+
+
 def family_img2img_start(model: LoadedModel, p: GenerateParams, sigmas: Tensor, shape: tuple[int, ...],
-                         g: torch.Generator) -> tuple[Tensor, Tensor]:
+                         g: torch.Generator | list[torch.Generator]) -> tuple[Tensor, Tensor]:
     """(x, sigmas) of a family with its own img2img start (Family.img2img: depth-to-image): z0 and the strength from
-    the family (its posterior sample is the first draw), then the noise; of the full `steps` schedule the last
-    k = min(int(strength * steps), steps) steps run (diffusers' get_timesteps), x = z0 + noise * sigmas[steps - k]."""
-    req = replace(p, inputs=request_inputs(model.spec, p))
-    z0, strength = model.family.img2img(model.parts, model.spec, req, g)          # (1, C, h, w)
-    noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
-                                                                                     dtype=torch.float32)
+    the family (its posterior sample is the first draw of each image's generator), then the noise; of the full
+    `steps` schedule the last k = min(int(strength * steps), steps) steps run (diffusers' get_timesteps, the
+    family's reference), x = z0 + noise * sigmas[steps - k]."""
+    req = replace(p, inputs=request_inputs(model.spec, p), batch_size=1)
+    gens = list(g) if isinstance(g, (list, tuple)) else [g]
+    starts = [model.family.img2img(model.parts, model.spec, req, gi) for gi in gens]   # [(z0 (1, C, h, w), s)]
+    strength = starts[0][1]
+    z0 = torch.cat([z.float() for z, _ in starts]).expand(shape)                    # (B, C, h, w)
+    noise = _noise_of(p, shape, gens)
     steps = sigmas.shape[0] - 1
     k = min(int(strength * steps), steps)
     sigmas = sigmas[steps - k:]                                                     # (k + 1,)
-    x = z0.float().expand(shape) + noise * sigmas[0]
+    x = z0 + noise * sigmas[0]
     return x.to(model.device, model.dtype), sigmas
 
 
 def start_latent(model: LoadedModel, p: GenerateParams,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
     """(x, sigmas): the schedule (truncated for img2img) and the noisy starting latent by the pinned conventions.
-    The noise is the next draw from `generator` (a fresh one from the seed when None: right for families without an
-    input-side draw). Families with an "image" input (inpaint) start like text to image."""
+    Image i's noise is the next draw from its generator (`generator`: image_generators(p), or one generator for the
+    whole batch; fresh ones from the seeds when None: right for families without an input-side draw). Families with
+    an "image" input (inpaint) start like text to image."""
     spec = model.spec
     sigmas = sampling_sigmas(model, replace(p, inputs=request_inputs(spec, p)))  # (steps + 1,), img2img-truncated
     shape = (p.batch_size, spec.latent.channels, p.height // spec.latent.factor, p.width // spec.latent.factor)
-    g = generator if generator is not None else seed_generator(p.seed)
+    g = generator if generator is not None else image_generators(p)
     if model.family.img2img is not None:   # the family's own img2img start (depth): z0 drawn before the noise
         return family_img2img_start(model, p, sigmas, shape, g)
-    noise = p.initial_latent.float() if p.initial_latent is not None else torch.randn(shape, generator=g,
-                                                                                     dtype=torch.float32)
+    noise = _noise_of(p, shape, list(g) if isinstance(g, (list, tuple)) else [g])
     if p.init_image is not None and not any(i.name == "image" for i in model.family.inputs):
         x = noised(spec.prediction, encode_image(model, p.init_image, p.width, p.height).expand(shape), noise,
                    sigmas[0])
@@ -447,7 +506,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
         raise ValueError(missing_vae(model.path, model.family.label, model.spec.latent.channels))
     check_params(model.spec, p)
     p, shown = family_prepare(model, p)   # the family's own inputs from its parts (depth: the MiDaS estimate)
-    g = seed_generator(p.seed)
+    g = image_generators(p)                           # one per image, seed s + i (A1111's ImageRNG)
     guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
     x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
     done = {"n": 0}
@@ -457,7 +516,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
         if callback is not None:   # the first step also reports the starting latent (sd.trajectory's x_t of step 0)
             callback(info if info["step"] else {**info, "x_in": x})
 
-    gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)  # per-step noise of ancestral samplers
+    gen = step_generators(p)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
     latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
                      eta=p.eta, flow=model.spec.prediction == "flow")
     stopped = done["n"] < len(sigmas) - 1
@@ -538,4 +597,5 @@ class ModelCache:
 
 __all__ = ["CheckpointError", "GenerateParams", "GenerateResult", "LoadedModel", "ModelCache", "generate",
            "load_model", "decode_latents", "encode_image", "initial_noise", "guided_denoiser", "start_latent",
-           "check_params", "default_size", "request_inputs", "seed_generator"]
+           "check_params", "default_size", "request_inputs", "seed_generator", "image_seeds", "image_generators",
+           "step_generators"]

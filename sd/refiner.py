@@ -4,8 +4,8 @@ One sigma schedule (the SDXL discrete schedule, shared by both models, so the si
 `switch_at`: the base runs the first `round(steps * switch_at)` steps with its own conditioning (CLIP-L + bigG,
 size/crop/target vector), then the same latent continues with the refiner's conditioning (bigG, size/crop +
 aesthetic score) for the remaining steps, and the refiner's VAE decodes. The per-step noise of ancestral samplers
-comes from one generator (seed + 1) across both stages. `switch_at` 1 is the base alone; 0 is the refiner alone,
-which equals `generate(refiner, params)`. Which model may refine which is the refiner family's `refines` field.
+comes from one generator per image (seed + i + 1) across both stages. `switch_at` 1 is the base alone; 0 is the
+refiner alone, which equals `generate(refiner, params)`. Which model may refine which is the refiner family's `refines` field.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from .pipeline import GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents, guided_denoiser, start_latent
+from .pipeline import (GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents, guided_denoiser,
+                       start_latent, step_generators)
 from .samplers import _stopped, sample
 
 Tensor = torch.Tensor
@@ -42,7 +43,7 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
     x, sigmas = start_latent(base, p)  # one schedule for both: they share the SDXL training sigmas
     total = len(sigmas) - 1
     k = switch_index(total, switch_at)
-    gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)
+    gen = step_generators(p)   # per-step noise, one generator per image (seed s + i + 1), across both stages
     done = {"n": 0}
     last = base
 

@@ -3,6 +3,9 @@ discard_next_to_last_sigma, "Automatic" schedules, 75-token chunking with the co
 s + i (ImageRNG), CLIP / OpenCLIP text cleaning, PNG Info's schedule and tab guesses."""
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +69,54 @@ def test_automatic_schedule_is_the_samplers_a1111_default():
     assert set(A1111_AUTOMATIC.values()) <= {"karras", "exponential", "ddim_uniform"}
     with pytest.raises(ValueError, match="unknown schedule type 'Karras Exponential'"):
         resolve_schedule("Karras Exponential", "euler")
+
+
+# ---------------------------------------------------------------------------------------------- batch seeds
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_files):
+    from sd.pipeline import load_model
+
+    return load_model(tiny_files("sd1"))
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in result.images])
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m"])
+def test_batch_image_i_is_seed_s_plus_i(sd1, sampler):
+    """Image i of a batch (seed 7) equals a run of seed 7 + i alone: its own starting noise (bit for bit) and its own
+    ancestral-noise generator (A1111's ImageRNG). The batched UNet sums in another order than the single one (CPU
+    kernels: 1e-7 per call), so the latents agree to float rounding and a rare pixel lands one level off."""
+    from sd.pipeline import GenerateParams, generate, start_latent
+
+    p = GenerateParams(prompt="a red circle", width=64, height=48, steps=4, cfg=5.0, seed=7, sampler=sampler,
+                       batch_size=3)
+    batch = generate(sd1, p)
+    x_batch, _ = start_latent(sd1, p)
+    for i in range(3):
+        q = replace(p, seed=7 + i, batch_size=1)
+        assert torch.equal(x_batch[i:i + 1], start_latent(sd1, q)[0])
+        alone = generate(sd1, q)
+        assert (batch.latents[i] - alone.latents[0]).abs().max() < 1e-4
+        diff = np.abs(_pixels(batch)[i].astype(int) - _pixels(alone)[0])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
+    assert np.abs(_pixels(batch)[0].astype(int) - _pixels(batch)[1]).mean() > 1.0   # different seeds, other images
+
+
+@torch.no_grad()
+def test_batch_of_one_is_the_pinned_convention(sd1):
+    """Batch 1 is bit-identical to the convention before per-image seeds: randn((1, 4, h, w)) from Generator(s),
+    times sqrt(1 + sigma_0^2), and Euler a's per-step noise from one Generator(s + 1)."""
+    from sd.pipeline import GenerateParams, generate, guided_denoiser, seed_generator
+    from sd.samplers import sample
+
+    p = GenerateParams(prompt="a red circle", width=64, height=48, steps=4, cfg=5.0, seed=9, sampler="euler_ancestral")
+    got = generate(sd1, p).latents
+    sigmas = get_sigmas("normal", sd1.sigmas, 4)
+    x = torch.randn((1, 4, 6, 8), generator=torch.Generator("cpu").manual_seed(9)) * (1 + sigmas[0] ** 2).sqrt()
+    ref = sample("euler_ancestral", guided_denoiser(sd1, p, generator=seed_generator(9)), x, sigmas,
+                 generator=torch.Generator("cpu").manual_seed(10))
+    assert torch.equal(got, ref)

@@ -118,8 +118,9 @@ def sd1_inpaint(tiny_files):
 
 @torch.no_grad()
 def test_inpaint_conventions(sd1_inpaint) -> None:
-    """concat = [nearest mask latent, posterior sample of image * (m < 0.5)], the same in both branches and for
-    every batch item; the posterior sample is the seed generator's first draw, the starting noise its second."""
+    """concat = [nearest mask latent, posterior sample of image * (m < 0.5)], the same in both branches; the posterior
+    sample is the first draw of the image's generator, the starting noise its second; image i of a batch has seed
+    s + i, so its own posterior sample and noise."""
     model, (image, mask) = sd1_inpaint, pictures()
     p = GenerateParams(prompt="a cat", negative_prompt="", width=64, height=48, steps=3, cfg=4.0, seed=21,
                        batch_size=2, sampler="euler", inputs={"image": image, "mask": mask})
@@ -134,11 +135,16 @@ def test_inpaint_conventions(sd1_inpaint) -> None:
     assert torch.allclose(cond["concat"][:1, 1:], z, atol=1e-6, rtol=0)
     mean = model.parts.vae.encode(image_to_tensor(image) * (m < 0.5)) * model.spec.latent.scale
     assert (z - mean).abs().max() > 1e-3, "a sample, not the mean"
-    # the starting noise is the second draw of the same generator
-    noise = torch.randn((2, 4, 6, 8), generator=g, dtype=torch.float32)
+    # the starting noise is the second draw of the same generator; image 1 draws both from seed 22
+    g2 = seed_generator(22)
+    z2 = vae_posterior_sample(model.parts.vae, image_to_tensor(image) * (m < 0.5), model.spec.latent, g2)
+    noise = torch.cat([torch.randn((1, 4, 6, 8), generator=g, dtype=torch.float32),
+                       torch.randn((1, 4, 6, 8), generator=g2, dtype=torch.float32)])
     a = generate(model, p).latents
     b = generate(model, GenerateParams(**{**p.__dict__, "initial_latent": noise})).latents
     assert torch.equal(a, b)
+    one = generate(model, GenerateParams(**{**p.__dict__, "seed": 22, "batch_size": 1})).latents  # image 1 alone
+    assert (a[1:] - one).abs().max() < 1e-4 and (a[0] - a[1]).abs().max() > 1e-2 and not torch.equal(z2, z)
     # the img2img field fills the family's image input: the same request written the app's way
     c = generate(model, GenerateParams(**{**p.__dict__, "init_image": image, "inputs": {"mask": mask}})).latents
     assert torch.equal(a, c)

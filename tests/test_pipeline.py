@@ -26,8 +26,9 @@ def test_seed_convention_and_reproducibility(sd1) -> None:
     assert np.array_equal(pixels(a), pixels(b))
     c = generate(sd1, GenerateParams(**{**p.__dict__, "seed": 12}))
     assert np.abs(pixels(a) - pixels(c)).mean() > 1.0
-    # the pinned noise: randn((batch, 4, H/8, W/8)) from a CPU generator seeded with the seed
-    explicit = GenerateParams(**{**p.__dict__, "initial_latent": initial_noise(11, (2, 4, 6, 8))})
+    # the pinned noise: image i's randn((1, 4, H/8, W/8)) from a CPU generator seeded with seed + i
+    noise = torch.cat([initial_noise(11, (1, 4, 6, 8)), initial_noise(12, (1, 4, 6, 8))])
+    explicit = GenerateParams(**{**p.__dict__, "initial_latent": noise})
     assert np.array_equal(pixels(generate(sd1, explicit)), pixels(a))
     # and the 8-bit rounding of decoded pixels: round(clamp((x+1)/2) * 255)
     z = a.latents / sd1.spec.latent.scale
@@ -67,7 +68,7 @@ def test_img2img_strength(sd1) -> None:
     base = GenerateParams(prompt="x", width=64, height=64, steps=10, cfg=1.0, seed=3, init_image=init)
     weak = generate(sd1, GenerateParams(**{**base.__dict__, "strength": 0.2}))
     strong = generate(sd1, GenerateParams(**{**base.__dict__, "strength": 1.0}))
-    assert weak.steps_done == 2 and strong.steps_done == 10
+    assert weak.steps_done == 3 and strong.steps_done == 10   # A1111: t_enc = int(0.2 * 10) = 2, t_enc + 1 steps
     # a weak strength stays closer to the encoded-then-decoded init image than a full-strength run
     from sd.pipeline import decode_latents, encode_image
 

@@ -44,6 +44,7 @@ from sd.vae_choice import AUTOMATIC, resolve_vae, vae_choices
 import app_extras  # hires fix, clip skip, styles, the extra-networks picker (issue 12)
 import app_attention  # cross-attention maps of a run (issue 13)
 import app_grid  # the X/Y/Z comparison grid tab (issue 13)
+import app_sd3  # the Preset picker of the SD3 / 3.5 tab (variants shapes cannot tell apart: turbo)
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"
@@ -59,8 +60,8 @@ PREDICTION_INPUTS = ("prediction",)              # tabs with a family whose eps/
 SDXL_INPUTS = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height",
                "refiner", "switch_at", "aesthetic_score", "negative_aesthetic_score")
 OUTPUTS = ("gallery", "preview", "status", "infotext", "used_seed", "facts")
-PRESET_FIELDS = ("facts", "width", "height", "steps", "sampler", "schedule", "cfg", "original_width",
-                 "original_height", "target_width", "target_height", "crop_top", "crop_left")
+PRESET_FIELDS = ("facts", "preset", "shift", "width", "height", "steps", "sampler", "schedule", "cfg",
+                 "original_width", "original_height", "target_width", "target_height", "crop_top", "crop_left")
 
 
 def family_tabs() -> dict[str, tuple[Family, ...]]:
@@ -271,8 +272,10 @@ def preset_updates(ctx: AppContext, value: str, prediction: str | None = None, p
                  + (f"use the {tab_label(right)} tab.**" if right else "this app cannot run it yet.**")
                  + "  \n" + facts)
         return {"facts": facts}
-    p = preset_for(spec, ctx.presets, is_demo=is_demo)
-    return {"facts": facts, "width": p["width"], "height": p["height"], "steps": p["steps"],
+    p = preset_for(spec, ctx.presets, is_demo=is_demo, path=None if is_demo else path)   # "turbo" in the name
+    facts += app_sd3.facts_note(p, spec.family, None if is_demo else path, ctx.presets)
+    return {"facts": facts, **app_sd3.extra_fields(p), "width": p["width"], "height": p["height"],
+            "steps": p["steps"],
             "sampler": DISPLAY_NAMES.get(p["sampler"], p["sampler"]),
             "schedule": SCHEDULE_DISPLAY_NAMES.get(p["schedule"], p["schedule"]), "cfg": p["cfg"],
             "original_width": p["width"], "original_height": p["height"], "target_width": p["width"],
@@ -613,8 +616,8 @@ def stop_run(ctx: AppContext, tab: str, request: gr.Request | None) -> str:
 # The UI
 
 
-def _size_slider(label: str, value: int, elem_id: str) -> gr.Slider:
-    return gr.Slider(64, 2048, value=value, step=8, label=label, elem_id=elem_id)
+def _size_slider(label: str, value: int, elem_id: str, step: int = 8) -> gr.Slider:
+    return gr.Slider(64, 2048, value=value, step=step, label=label, elem_id=elem_id)
 
 
 def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
@@ -660,8 +663,9 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                 c["steps"] = gr.Slider(1, 150, value=get("steps"), step=1, label="Steps", elem_id=f"{tab}-steps")
                 c["cfg"] = gr.Slider(1, 30, value=get("cfg"), step=0.5, label="CFG scale", elem_id=f"{tab}-cfg")
             with gr.Row():
-                c["width"] = _size_slider("Width", get("width"), f"{tab}-width")
-                c["height"] = _size_slider("Height", get("height"), f"{tab}-height")
+                step = fallback.get("size_step", 8)   # the preset's (SD3: 16, patch 2 on an f8 latent)
+                c["width"] = _size_slider("Width", get("width"), f"{tab}-width", step)
+                c["height"] = _size_slider("Height", get("height"), f"{tab}-height", step)
             with gr.Row():
                 c["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id=f"{tab}-seed", scale=3)
                 c["dice"] = gr.Button("Random", scale=0, min_width=80, elem_id=f"{tab}-dice")
@@ -677,6 +681,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
             if "refiner" in names:
                 _sdxl_controls(c, get, entries, tab)
             _family_option_controls(c, tab)
+            app_sd3.build_view(ctx, tab, c)   # SD3 / 3.5: the Preset dropdown (large vs large turbo)
             app_extras.build_controls(ctx, tab, c, fams)
         with gr.Column():
             with gr.Row():
@@ -1059,6 +1064,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--queue-size", type=int, default=32, help="requests that may wait; past it: 'Queue is full'")
     ap.add_argument("--max-upload-mb", type=float, default=32, help="largest file a client may upload")
     app_extras.add_flags(ap)
+    app_sd3.add_flags(ap)   # --t5-device, --keep-text-encoders
     return ap.parse_args(argv)
 
 
@@ -1088,7 +1094,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if say:
         print(say, flush=True)
-    cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None)
+    try:
+        sources = app_sd3.text_sources(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None, sources=sources)
     demo = build_app(args.models_dir, args.device, args.dtype, cache=cache, outputs_dir=args.outputs_dir,
                      concurrency=args.concurrency, queue_size=args.queue_size, extras=app_extras.from_args(args))
     Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)

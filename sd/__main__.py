@@ -127,6 +127,22 @@ def _hires(args: argparse.Namespace):
     return h
 
 
+def _preset_defaults(args: argparse.Namespace, model, path, inputs: dict) -> dict | None:
+    """Steps / CFG / sampler / schedule not given on the command line: the preset's (`--preset NAME`, or the variant
+    the file name hints at, said in a note), else 20 / 7 / euler / normal; a preset's shift for a family taking one."""
+    from .presets import load_presets, pick_preset
+
+    preset, note = pick_preset(args.preset, model.spec.family, path, load_presets())
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    for key, plain in (("steps", 20), ("cfg", 7.0), ("sampler", "euler"), ("schedule", "normal")):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key] if preset is not None else plain)
+    if preset is not None and "shift" in preset and any(i.name == "shift" for i in model.family.inputs):
+        inputs.setdefault("shift", float(preset["shift"]))
+    return preset
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inpaint import load_image
     from .pipeline import GenerateParams, default_size, generate, load_model
@@ -163,6 +179,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"warning: a {model.family.label} checkpoint takes no prompt; --prompt/--negative-prompt are ignored",
               file=sys.stderr)
     size = (default_size(model.spec, is_demo=args.checkpoint is None),) * 2
+    preset = _preset_defaults(args, model, path, inputs)   # --preset, or the one the file name hints at (turbo)
+    if preset is not None:
+        size = (preset["width"], preset["height"])
     pixel = [i for i in model.family.inputs if i.kind == "image" and i.name in inputs and i.scale]
     if pixel:  # pixel inputs are used at their own size: the output size is the image's (x scale: the x4 upscaler)
         inputs[pixel[0].name] = img = load_image(inputs[pixel[0].name], pixel[0].flag.lstrip("-"))
@@ -259,11 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--steps", type=int, default=None, help="default 20 (or the --preset's)")
+    g.add_argument("--cfg", type=float, default=None, help="default 7 (or the --preset's)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sampler", default="euler")
-    g.add_argument("--schedule", default="normal")
+    g.add_argument("--sampler", default=None, help="default euler (or the --preset's)")
+    g.add_argument("--schedule", default=None, help="default normal (or the --preset's)")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="defaults of presets/NAME.json for steps, CFG, sampler, schedule, size, shift (e.g. "
+                        "sd3.5-large-turbo; a file name containing 'turbo' picks that one)")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--clip-skip", type=int, default=1)
     g.add_argument("--device", default="cpu")

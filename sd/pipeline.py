@@ -535,7 +535,8 @@ class ModelCache:
     total parameter bytes pass `budget_bytes`; one lock per key so two requests for the same file load it once,
     and requests for different files load in parallel."""
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, sources=None):
+        self.sources = sources   # the default TextSources of get() (the app's --t5-device / --keep-text-encoders)
         env = os.environ.get("SD_MODEL_CACHE_GB")
         self.budget = budget_bytes if budget_bytes is not None else int(float(env or 8) * 2**30)
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
@@ -555,6 +556,7 @@ class ModelCache:
             prediction: str | None = None, sources=None, vae: str | os.PathLike | None = None) -> LoadedModel:
         path = Path(path)
         resolved = str(path.resolve())
+        sources = self.sources if sources is None else sources
         same = (str(torch.device(device)), parse_dtype(dtype), prediction, sources)  # sources: TextSources (SD3)
         if vae is not None:   # an external VAE (sd.vae_choice): its own entry, keyed by the VAE file and its stat
             same = (*same, str(Path(vae).resolve()), *self._stat(Path(vae)))

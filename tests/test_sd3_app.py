@@ -59,7 +59,10 @@ INPUTS = {"shift": 2.0, "slg_layers": "1", "slg_scale": 2.0, "slg_start": 0.01, 
 
 
 def test_the_tab_has_the_family_inputs() -> None:
-    assert app.tab_inputs("sd3")[-6:] == ("shift", "slg_layers", "slg_scale", "slg_start", "slg_end", "use_t5")
+    names = app.tab_inputs("sd3")   # the family's inputs in a row, after the common ones (other tabs' extras after)
+    i = names.index("shift")
+    assert names[i:i + 6] == ("shift", "slg_layers", "slg_scale", "slg_start", "slg_end", "use_t5")
+    assert names.index("strength") < i
     assert [f.name for f in app.family_tabs()["sd3"]] == ["sd3", "sd3.5-large", "sd3.5-medium"]
 
 

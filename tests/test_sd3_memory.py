@@ -1,7 +1,7 @@
 """SD3 text-tower memory (issue 16 item 8), CPU, a tiny bundled SD3 file: the CLIP-L / CLIP-G / T5 weights are not
 in memory while the MMDiT samples (sd.text_encoders.Resident), one tower at a time while the prompts are encoded,
-and the result is bit-identical to keeping them loaded (`TextSources(keep=True)`, `--keep-text-encoders`) and to
-T5 on its own device (`--t5-device cpu`).
+and the result is bit-identical to keeping them loaded (`TextSources(keep=True)`, `--keep-text-encoders`) and to T5
+on its own device (`--t5-device cpu`); both flags on the CLI and as app flags (the model cache's default).
 """
 from __future__ import annotations
 
@@ -104,3 +104,21 @@ def test_cli_flags_reach_the_loader(bundled, tmp_path, capsys, monkeypatch) -> N
     assert main(base + ["--t5-device", "tpu9", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --t5-device tpu9: not a torch device (cpu, cuda, cuda:1, mps)"]
+
+
+def test_app_flags_become_the_cache_default(bundled, capsys) -> None:
+    """python app.py --t5-device cpu --keep-text-encoders: the model cache's default TextSources (every tab's
+    checkpoints load with them); a bad device is one line, exit 2, before anything starts."""
+    import app
+    import app_sd3
+
+    args = app.parse_args(["--t5-device", "cpu", "--keep-text-encoders"])
+    want = TextSources(keep=True, t5_device="cpu")
+    assert app_sd3.text_sources(args) == want and app_sd3.text_sources(app.parse_args([])) == TextSources()
+    cache = ModelCache(sources=want)
+    model = cache.get(bundled)
+    assert resident(model.parts.text_encoders) == [True, True, True]
+    assert cache.get(bundled, sources=want) is model and cache.get(bundled, sources=TextSources()) is not model
+    assert app.main(["--t5-device", "tpu9"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --t5-device tpu9: not a torch device (cpu, cuda, "
+                                                            "cuda:1, mps)"]

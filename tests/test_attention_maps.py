@@ -68,6 +68,20 @@ def test_maps_sum_to_the_total_at_every_position(demo) -> None:
     assert (maps.maps >= 0).all()
 
 
+def test_long_prompt_unstacked_branches_and_a_batch(demo) -> None:
+    """A two-chunk prompt against a one-chunk negative runs cond and uncond as two calls (sd.guidance): only the
+    cond call is recorded, 154 positions; a batch of two keeps one map per image."""
+    long = ", ".join(["a red circle in the top left corner on a blue background"] * 7)   # 84 words: 2 chunks
+    p = _params(long, steps=2, negative_prompt="green")
+    res, maps = am.generate_with_maps(demo, p)
+    assert maps.evaluations == 2 and maps.maps.shape == (1, 154, 8, 8)
+    assert maps.tokens[0] == maps.tokens[77] == "<start>" and maps.tokens[76] == "<end>"
+    assert (maps.maps[0].sum(0) - maps.total).abs().max() < 1e-5
+    res, maps = am.generate_with_maps(demo, _params("a red circle", steps=2, batch_size=2))
+    assert maps.evaluations == 2 and maps.maps.shape == (2, 77, 8, 8)
+    assert (maps.maps.sum(1) - maps.total).abs().max() < 1e-5 and not torch.equal(maps.maps[0], maps.maps[1])
+
+
 def test_shape_word_is_on_its_side_for_held_out_prompts(demo) -> None:
     """Held-out captions with the shape in a left or right corner: the shape word's map has more mass on that
     half in at least 70% of the prompts (measured on the shipped demo model: 16 of 16 at 5 steps)."""

@@ -46,6 +46,19 @@ def checkpoint_choices(ctx) -> list[tuple[str, str]]:
     return [(label, value) for value, label in out.items()]
 
 
+def fill_values(ctx, kind: str, values: str):
+    """Values for an axis kind just chosen: for "checkpoint" with none typed, every listed checkpoint (csv-quoted);
+    otherwise the values stay."""
+    if kind != "checkpoint" or (values or "").strip():
+        return gr.skip()
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out).writerow([v for _, v in checkpoint_choices(ctx)])
+    return out.getvalue().strip()
+
+
 def _model_of(ctx, value: str):
     """(LoadedModel, preset (width, height)) of a checkpoint value, refused in one line if no tab runs it."""
     app = _app()
@@ -200,6 +213,9 @@ def build_grid_tab(ctx) -> dict:
         c["image"] = gr.Image(label="Grid", interactive=False, type="filepath", elem_id="grid-image", format="png")
         c["cells"] = gr.Gallery(label="Cells (each saved with its infotext)", columns=4, elem_id="grid-cells",
                                 format="png")
+    for k in "xyz":   # a checkpoint axis starts with every listed checkpoint (the user then removes some)
+        c[f"{k}_type"].change(lambda kind, values: fill_values(ctx, kind, values), [c[f"{k}_type"], c[f"{k}_values"]],
+                              c[f"{k}_values"], api_visibility="private", queue=False)
     c["run"].click(_grid_fn(ctx), [c[k] for k in NAMES], [c["image"], c["cells"], c["status"]], api_name="grid",
                    concurrency_id="generate", concurrency_limit=ctx.concurrency, show_progress_on=[c["status"]])
 

@@ -12,7 +12,8 @@ step that runs down ("10-1") counts down by 1 (A1111 gives no values for it).
 `run_grid` plans every cell first (every value checked: a bad one is a one-line ValueError before anything runs),
 refuses a grid of more than MAX_UNCONFIRMED cells unless confirmed, then runs the cells grouped by checkpoint (each
 checkpoint loaded once, through the caller's loader: the app's and the CLI's ModelCache), reports one progress over
-the whole grid's steps, and checks `stop` between cells: a stopped grid keeps the cells done.
+the whole grid's steps, and checks `stop` between cells and between the steps of a cell: a stopped grid keeps the
+cells done (a cell stopped half-way is dropped).
 """
 from __future__ import annotations
 
@@ -294,7 +295,8 @@ def run_grid(base, axes: list[GridAxis | None], load: Callable[[str | None], obj
     `load(value)`: the LoadedModel of a checkpoint axis value (None: the grid's own checkpoint); called once per
     checkpoint, cells grouped by it. `size_of(model)`: (width, height) for a checkpoint's cells (None: the base
     request's size). `progress(done_steps, total_steps, text)`: one progress over the grid; `on_cell(cell, done,
-    total)` after each cell; `stop`: checked between cells. More than MAX_UNCONFIRMED cells need `confirm`."""
+    total)` after each cell; `stop`: checked between cells and steps (the cell it stops is dropped). More than
+    MAX_UNCONFIRMED cells need `confirm`."""
     from .pipeline import check_params, generate
 
     axes = (list(axes) + [None, None, None])[:3]
@@ -332,7 +334,10 @@ def run_grid(base, axes: list[GridAxis | None], load: Callable[[str | None], obj
                 progress(base_done + info["step"] + 1, total_steps, f"cell {k + 1}/{n}, step {info['step'] + 1}"
                          f"/{info['total']}")
 
-        res = generate(model, cell.params, callback=on_step)
+        res = generate(model, cell.params, callback=on_step, stop=stop)
+        if res.stopped:                                       # stopped inside this cell: it is not kept
+            result.stopped = True
+            break
         done_steps += cell.params.steps
         cell.image, cell.infotext = res.images[0], cell_infotext(model, cell.params, res)
         for note in res.info.get("notes", []):

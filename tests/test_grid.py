@@ -55,6 +55,17 @@ def test_stop_after_two_cells_keeps_those_two(demo) -> None:
     assert res.stopped and res.total == 6 and [c.index for c in res.cells] == [(0, 0, 0), (1, 0, 0)]
     assert [c.params.seed for c in res.cells] == [1, 2] and all(c.image is not None for c in res.cells)
     assert res.image is not None
+    stop.clear()                                                 # Stop during the third cell: it is dropped
+    seen = []
+
+    def progress(done, total, text):
+        seen.append(text)
+        if text == "cell 3/3, step 1/3":
+            stop.set()
+
+    res = grid.run_grid(_base(), [grid.parse_axis("seed=1-3"), grid.parse_axis("steps=3")], lambda v: demo,
+                        stop=stop, progress=progress)
+    assert res.stopped and [c.params.seed for c in res.cells] == [1, 2] and seen[-1] == "cell 3/3, step 1/3"
 
 
 def test_over_300_cells_asks_first(demo) -> None:

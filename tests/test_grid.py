@@ -6,6 +6,7 @@ import json
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -233,3 +234,22 @@ def test_attention_maps_per_token_through_the_api(client, demo) -> None:
     want = am.overlay(res.images[0], maps.token_map(3))
     assert Image.open(gallery[2]["image"]).convert("RGB").tobytes() == want.tobytes()
     assert info["total"] == maps.total and info["evaluations"] == 2
+
+
+def test_z_axis_draws_one_titled_grid_per_value_stacked(monkeypatch) -> None:
+    axes = [grid.parse_axis("cfg=3,7"), None, grid.parse_axis("sdxl_target_size=1024x768,512x512")]
+    cells = grid.plan_cells(_base(), axes)
+    for k, c in enumerate(cells):
+        c.image = Image.new("RGB", (64, 64), (10 + 40 * k, 200, 30))
+    drawn = []
+    real = grid.draw_grid
+    monkeypatch.setattr(grid, "draw_grid", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    out = grid.grid_image(grid.GridResult(cells, axes, total=4))
+    assert [(d[1], d[2], d[3]) for d in drawn] == [(["CFG Scale: 3", "CFG Scale: 7"], [""], "Target size: 1024x768"),
+                                                   (["CFG Scale: 3", "CFG Scale: 7"], [""], "Target size: 512x512")]
+    parts = [real(*d) for d in drawn]
+    assert out.size == (parts[0].width, parts[0].height + parts[1].height)
+    assert [c.params.sdxl_target_size for c in cells] == [(768, 1024)] * 2 + [(512, 512)] * 2
+    # the 64 px cells are drawn enlarged to 128 px: the first cell's colour covers exactly a 128 x 128 box
+    first = np.asarray(parts[0])
+    assert np.all(first == np.array([10, 200, 30]), axis=-1).sum() == 128 * 128

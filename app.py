@@ -1086,6 +1086,9 @@ def share_auth(share: bool, auth: str | None) -> tuple[tuple[str, str] | None, s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd.cpu_tuning import tune_allocator
+
+    tune_allocator()   # large freed blocks stay in the heap for the next op (sd/cpu_tuning.py)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         auth, say = share_auth(args.share, args.auth)

@@ -77,7 +77,9 @@ def axes_of(s: dict) -> list:
         if kind == NONE:
             axes.append(None)
             continue
-        a = grid.make_axis(kind, str(s.get(f"{k}_values") or ""))
+        if s.get(f"{k}_values") is not None and not isinstance(s[f"{k}_values"], str):
+            raise ValueError(f"{k}_values must be text")
+        a = grid.make_axis(kind, _app()._text({f"{k}_values": s.get(f"{k}_values") or ""}, f"{k}_values"))
         axes.append(a)
     used = [a.axis.name for a in axes if a is not None]
     if not used:

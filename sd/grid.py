@@ -32,7 +32,7 @@ from .samplers import DISPLAY_NAMES, sampler_from_display
 from .schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES
 
 MAX_UNCONFIRMED = 300   # a grid of more cells runs only when confirmed (app: a checkbox; CLI: --yes)
-MAX_CELLS = 5000        # never more
+MAX_CELLS = 1000        # never more (the app's batch count x size tops out at 800 images)
 MIN_CELL = 128          # grid cells are drawn at least this large (the cell PNGs keep their own size)
 
 

@@ -82,6 +82,8 @@ def test_over_300_cells_asks_first(demo) -> None:
 
     with pytest.raises(Loaded):                                  # confirmed: it goes on to load the model
         grid.run_grid(_base(), axes, load, confirm=True)
+    with pytest.raises(ValueError, match="1001 cells; at most 1000"):   # never, even confirmed
+        grid.run_grid(_base(), [grid.parse_axis("seed=1-1001")], load, confirm=True)
     small = [grid.parse_axis("seed=1-20"), grid.parse_axis("steps=1-15")]   # exactly 300: no question
     with pytest.raises(Loaded):
         grid.run_grid(_base(), small, load)

@@ -478,10 +478,10 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
             raise Abandoned(f"the client disconnected after {done_steps} steps; nothing was saved")
         options = {i.name: s.get(i.name) for i in model.family.options}
         for i, img in enumerate(res.images):
-            img = finish(img)
+            img, img_seed = finish(img), p.seed + i   # image i of a batch has seed s + i (A1111's ImageRNG)
             text = build_parameters(
                 prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, sampler=p.sampler,
-                schedule=p.schedule, cfg=p.cfg, seed=p.seed, width=p.width, height=p.height, model_name=model.name,
+                schedule=p.schedule, cfg=p.cfg, seed=img_seed, width=p.width, height=p.height, model_name=model.name,
                 model_hash=model.short_hash, family=model.spec.family,
                 denoising_strength=p.strength if p.init_image is not None else (1.0 if "mask" in inputs else None),
                 **{k: v for k, v in options.items() if k in BUILD_OPTIONS}, inputs=p.inputs,
@@ -489,11 +489,11 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
                 sdxl_original_size=p.sdxl_original_size, sdxl_crop=p.sdxl_crop, sdxl_target_size=p.sdxl_target_size,
                 aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
                 refiner=refiner.name if refiner else None, refiner_hash=refiner.short_hash if refiner else None,
-                refiner_switch_at=float(s["switch_at"]) if refiner else None, batch_size=p.batch_size, batch_pos=i)
+                refiner_switch_at=float(s["switch_at"]) if refiner else None, batch_size=p.batch_size)
             if res.stopped:  # the schedule stays the requested one; say how much of it ran
                 text += f", Stopped at step: {res.steps_done}/{p.steps}"
-            path = save_png(img, text, ctx.outputs_dir, p.seed)
-            gallery.append((str(path), f"seed {p.seed}" + (f" #{i}" if p.batch_size > 1 else "")))
+            path = save_png(img, text, ctx.outputs_dir, img_seed)
+            gallery.append((str(path), f"seed {img_seed}"))
             texts.append(text)
         if res.stopped or stop.is_set():
             stopped = True
@@ -895,16 +895,30 @@ def _future_text(ctx: AppContext, preset_names: list[str], files: list[Entry]) -
     return "\n".join(lines)
 
 
-def png_info(image_path: str | None) -> tuple[str, dict, str]:
-    """Read the `parameters` text of an uploaded image: (text, settings, suggested tab as markdown)."""
+def known_models(ctx: AppContext | None) -> dict[str, str]:
+    """{file stem or short hash: tab} of the models folder's detected files (hashes of the loaded ones only: hashing
+    every file on each upload would read gigabytes), for PNG Info's tab guess."""
+    if ctx is None:
+        return {}
+    out = {Path(e.name).stem: tab_of_family(e.family) for e in ctx.index.scan()
+           if e.family is not None and tab_of_family(e.family)}
+    out.update({h: tab_of_family(f) for h, f in ctx.cache.known_hashes().items() if tab_of_family(f)})
+    return out
+
+
+def png_info(image_path: str | None, ctx: AppContext | None = None) -> tuple[str, dict, str]:
+    """Read the `parameters` text of an uploaded image: (text, settings, suggested tab as markdown). The tab is the
+    checkpoint's when the models folder has it (by `Model hash`, then `Model`), else guessed from the fields and
+    the size; what cannot be honoured (an unknown sampler or schedule type) is said in the hint."""
     if not image_path:
         return "", {}, ""
     text = read_parameters(image_path)
     if not text:
         return "", {}, "This image carries no generation parameters."
     settings = to_settings(parse_parameters(text))
-    tab = guess_tab(settings)
-    return text, settings, f"Looks like **{tab_label(tab)}** settings (model: `{settings.get('model', '?')}`)."
+    tab = guess_tab(settings, known_models(ctx))
+    hint = f"Looks like **{tab_label(tab)}** settings (model: `{settings.get('model', '?')}`)."
+    return text, settings, hint + "".join(f"  \n*warning: {w}*" for w in settings.get("warnings", []))
 
 
 def send_values(ctx: AppContext, tab: str, settings: dict) -> tuple[dict, str]:
@@ -969,7 +983,10 @@ def build_pnginfo_tab(ctx: AppContext, tabs: gr.Tabs, gen_tabs: dict[str, dict])
                 with gr.Row():
                     buttons = {t: gr.Button(f"Send to {label}", elem_id=f"pnginfo-send-{t}")
                                for t, label in ((t, tab_label(t)) for t in gen_tabs)}
-        image.change(png_info, image, [text, settings, hint], api_name="png_info")
+        def read_info(image_path: str | None) -> tuple[str, dict, str]:
+            return png_info(image_path, ctx)
+
+        image.change(read_info, image, [text, settings, hint], api_name="png_info")
         for t, btn in buttons.items():
             keys = [k for k in send_keys(t) if k in gen_tabs[t]]
 

@@ -592,6 +592,11 @@ class ModelCache:
         with self._lock:
             return [k[0] for k in self._models]
 
+    def known_hashes(self) -> dict[str, str]:
+        """{A1111 short hash: family} of the loaded models whose hash was computed (for an infotext's Model hash)."""
+        with self._lock:
+            return {m._hash: m.spec.family for m in self._models.values() if m._hash}
+
     def clear(self) -> None:
         with self._lock:
             self._models.clear()

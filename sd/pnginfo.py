@@ -24,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .samplers import DISPLAY_NAMES, sampler_from_display
-from .schedules import SCHEDULE_DISPLAY_NAMES
+from .samplers import DISPLAY_NAMES, resolve_schedule, sampler_from_display
+from .schedules import SCHEDULE_DISPLAY_NAMES, schedule_key
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param_code
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -62,14 +62,16 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
                      sdxl_target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
                      negative_aesthetic_score: float | None = None, refiner: str | None = None,
                      refiner_hash: str | None = None, refiner_switch_at: float | None = None,
-                     batch_size: int = 1, batch_pos: int = 0, mask_blur: float | None = None,
+                     batch_size: int = 1, mask_blur: float | None = None,
                      masked_content: str | None = None, inpaint_area: str | None = None,
                      masked_padding: int | None = None, inputs: dict | None = None,
                      extra_fields: dict | None = None) -> str:
     """The `parameters` text of one image. `sampler`/`schedule` are internal names (written as A1111 shows them);
     SDXL sizes are (height, width) like GenerateParams and written WIDTHxHEIGHT like `Size`. The family's own
     fields come from its `infotext` (keyword arguments it does not use are ignored), which also sees the request's
-    family `inputs` (GenerateParams.inputs: the noise level, the depth strength ...)."""
+    family `inputs` (GenerateParams.inputs: the noise level, the depth strength ...). `seed` is the image's own
+    (s + i for image i of a batch), so A1111's "Batch pos" is not written: the seed alone reproduces the image; a
+    schedule "automatic" is written as the one it resolved to for the sampler."""
     kw = dict(width=width, height=height, sdxl_original_size=sdxl_original_size, sdxl_crop=sdxl_crop,
               sdxl_target_size=sdxl_target_size, aesthetic_score=aesthetic_score,
               negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur, masked_content=masked_content,
@@ -78,7 +80,7 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
     fields: dict[str, str] = {
         "Steps": str(int(steps)),
         "Sampler": DISPLAY_NAMES.get(sampler, sampler),
-        "Schedule type": SCHEDULE_DISPLAY_NAMES.get(schedule, schedule),
+        "Schedule type": SCHEDULE_DISPLAY_NAMES.get(_resolved(schedule, sampler), schedule),
         "CFG scale": num(cfg),
         "Seed": str(int(seed)),
         "Size": f"{int(width)}x{int(height)}",
@@ -88,7 +90,6 @@ def build_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
     fields["Model"] = model_name
     if batch_size > 1:
         fields["Batch size"] = str(batch_size)
-        fields["Batch pos"] = str(batch_pos)
     if denoising_strength is not None:
         fields["Denoising strength"] = num(denoising_strength)
     if clip_skip != 1:
@@ -147,12 +148,33 @@ def parse_parameters(text: str) -> dict[str, str]:
     return res
 
 
-def _schedule_from_display(label: str) -> str | None:
-    key = label.strip().lower()
-    for name, disp in SCHEDULE_DISPLAY_NAMES.items():
-        if key in (name, disp.lower()):
-            return name
-    return None  # "Automatic" and unknown labels: keep the tab's own schedule
+def _resolved(schedule: str, sampler: str) -> str:
+    try:
+        return resolve_schedule(schedule, sampler)
+    except ValueError:
+        return schedule
+
+
+def _schedule_of(parsed: dict[str, str], s: dict) -> None:
+    """The schedule an A1111 infotext ran, into s["schedule"] (A1111 >= 1.9's reading, infotext_utils /
+    sd_samplers.get_sampler_and_scheduler): its "Schedule type" label ("Automatic": the sampler's default); without
+    one (A1111 < 1.9) a schedule suffix of the sampler name ("DPM++ 2M Karras"), else the sampler's default
+    (sd.samplers.A1111_AUTOMATIC: DPM++ 2M -> karras, Euler a -> uniform). A label we do not have is a warning
+    naming it, and no schedule is set (the tab keeps its own)."""
+    sampler, implied = s.get("sampler"), s.pop("_implied", None)
+    label = parsed.get("Schedule type")
+    if label is None:
+        label = implied or "automatic"
+    if sampler is None:
+        key = schedule_key(label)
+        if key is not None and key != "automatic":
+            s["schedule"] = key
+        return
+    try:
+        s["schedule"] = resolve_schedule(label, sampler)
+    except ValueError:
+        s["warnings"].append(f"schedule type {label!r} is not available here (known: "
+                             f"{', '.join(SCHEDULE_DISPLAY_NAMES.values())}); the tab keeps its own schedule")
 
 
 def to_settings(parsed: dict[str, str]) -> dict:
@@ -161,7 +183,8 @@ def to_settings(parsed: dict[str, str]) -> dict:
     s: dict = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", ""),
                "warnings": []}
     ints = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Batch size": "batch_size",
-            "Batch pos": "batch_pos", "SDXL crop top": "crop_top", "SDXL crop left": "crop_left",
+            "Batch pos": "batch_pos",   # A1111's; not written here (each image carries its own seed)
+            "SDXL crop top": "crop_top", "SDXL crop left": "crop_left",
             "Mask blur": "mask_blur", "Masked area padding": "masked_padding", "Noise level": "noise_level"}
     floats = {"CFG scale": "cfg", "Denoising strength": "strength", "Aesthetic score": "aesthetic_score",
               "Negative aesthetic score": "negative_aesthetic_score", "Refiner switch at": "refiner_switch_at"}
@@ -182,11 +205,11 @@ def to_settings(parsed: dict[str, str]) -> dict:
         try:
             s["sampler"], sched = sampler_from_display(parsed["Sampler"])
             if sched:
-                s["schedule"] = sched
+                s["_implied"] = sched
         except ValueError:
             s["warnings"].append(f"unknown sampler {parsed['Sampler']!r}")
-    if "Schedule type" in parsed and (sched := _schedule_from_display(parsed["Schedule type"])):
-        s["schedule"] = sched
+    if "Sampler" in parsed or "Schedule type" in parsed:
+        _schedule_of(parsed, s)
     for key, name in (("Model", "model"), ("Model hash", "model_hash")):
         if key in parsed:
             s[name] = parsed[key]
@@ -235,10 +258,16 @@ def _hires_settings(parsed: dict[str, str], s: dict) -> dict:
     return out
 
 
-def guess_tab(settings: dict) -> str:
-    """Which app tab the settings belong to when the checkpoint is not on disk: inpainting fields mean the inpaint
-    tab; SD3 fields (Shift, skip-layer guidance) mean SD3; SDXL fields or a >= 1024 side mean SDXL; 768 means SD 2
-    (768-v); otherwise SD 1.x."""
+def guess_tab(settings: dict, models: dict[str, str] | None = None) -> str:
+    """Which app tab the settings belong to. First the checkpoint (A1111's own order: `Model hash`, then `Model`):
+    `models` maps the models folder's files to their tab by short hash (10 hex, where known) and by file stem. Then
+    the fields: inpainting fields mean the inpaint tab; SD3 fields (Shift, skip-layer guidance) mean SD3; SDXL fields
+    mean SDXL. Size last: at least 1024 x 768 pixels means SDXL, both sides >= 768 SD 2 (768-v); otherwise SD 1.x
+    (so a 512x768 SD 1.x portrait stays on the SD 1.x tab)."""
+    models = models or {}
+    for key in (settings.get("model_hash"), settings.get("model")):
+        if key and key in models:
+            return models[key]
     if any(k in settings for k in ("mask_blur", "masked_content", "inpaint_area", "masked_padding")):
         return "inpaint"
     if any(k in settings for k in ("shift", "slg_layers", "use_t5")):   # SD3 / 3.5 fields
@@ -246,10 +275,10 @@ def guess_tab(settings: dict) -> str:
     if any(k in settings for k in ("sdxl_original_size", "sdxl_target_size", "sdxl_crop", "refiner",
                                    "aesthetic_score")):
         return "sdxl"
-    side = max(settings.get("width", 512), settings.get("height", 512))
-    if side >= 1024:
+    w, h = settings.get("width", 512), settings.get("height", 512)
+    if w * h >= 1024 * 768:
         return "sdxl"
-    if side == 768:
+    if min(w, h) >= 768:
         return "sd2"
     return "sd1"
 

@@ -120,3 +120,83 @@ def test_batch_of_one_is_the_pinned_convention(sd1):
     ref = sample("euler_ancestral", guided_denoiser(sd1, p, generator=seed_generator(9)), x, sigmas,
                  generator=torch.Generator("cpu").manual_seed(10))
     assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------- infotext, PNG Info
+
+
+def _settings(text: str) -> dict:
+    from sd.pnginfo import parse_parameters, to_settings
+
+    return to_settings(parse_parameters(text))
+
+
+def test_infotext_schedules_as_a1111_reads_them():
+    """No "Schedule type" (A1111 < 1.9): the sampler name's suffix, else the sampler's default; "Automatic" the same;
+    a label we do not have is a warning and sets nothing."""
+    base = "a cat\nSteps: 20, CFG scale: 7, Seed: 1, Size: 512x512, "
+    assert _settings(base + "Sampler: DPM++ 2M Karras")["schedule"] == "karras"
+    assert _settings(base + "Sampler: DPM++ 2M")["schedule"] == "karras"               # A1111's Automatic
+    assert _settings(base + "Sampler: DPM++ 2M SDE")["schedule"] == "exponential"
+    assert _settings(base + "Sampler: Euler a")["schedule"] == "uniform"
+    assert _settings(base + "Sampler: DPM2 a, Schedule type: Automatic")["schedule"] == "karras"
+    assert _settings(base + "Sampler: Euler, Schedule type: Align Your Steps")["schedule"] == "align_your_steps"
+    assert _settings(base + "Sampler: Euler, Schedule type: KL Optimal")["schedule"] == "kl_optimal"
+    s = _settings(base + "Sampler: Euler, Schedule type: Karras Exponential")
+    assert "schedule" not in s and s["warnings"] == [
+        "schedule type 'Karras Exponential' is not available here (known: Normal, Karras, Exponential, SGM Uniform, "
+        "Simple, DDIM, Beta, Uniform, Polyexponential, KL Optimal, Align Your Steps); the tab keeps its own schedule"]
+
+
+def test_infotext_writes_each_images_seed_and_no_batch_pos():
+    from sd.pnginfo import build_parameters
+
+    text = build_parameters(prompt="x", negative_prompt="", steps=20, sampler="dpmpp_2m", schedule="automatic", cfg=7,
+                            seed=12, width=512, height=512, model_name="m", model_hash=None, batch_size=4)
+    assert text == "x\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 512x512, " \
+                   "Model: m, Batch size: 4, Version: sd-playground"
+
+
+def test_guess_tab_model_first_size_last():
+    from sd.pnginfo import guess_tab
+
+    portrait = _settings("a cat\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x768, Model hash: 0123456789, "
+                         "Model: mine")
+    assert guess_tab(portrait) == "sd1"                                   # 512x768: an SD 1.x portrait
+    assert guess_tab(portrait, {"mine": "sdxl"}) == "sdxl"                 # the folder's file decides
+    assert guess_tab(portrait, {"mine": "sdxl", "0123456789": "sd2"}) == "sd2"   # the hash before the name
+    assert [guess_tab({"width": w, "height": h}) for w, h in ((768, 768), (832, 1216), (1024, 768), (640, 960))] == [
+        "sd2", "sdxl", "sdxl", "sd1"]
+
+
+from .test_app import client, server  # noqa: E402,F401 - the module's app server (tiny SD1 + SDXL in a models folder)
+
+
+def test_png_info_guesses_the_tab_from_the_models_folder(client, tiny_files, tmp_path):
+    """Through gradio_client: a 512x768 image naming the folder's SDXL file goes to SDXL, by its hash once the model
+    is loaded even under another name; one naming an unknown model stays on SD 1.x; a schedule we lack is a warning."""
+    from gradio_client import handle_file
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from sd.checkpoint import file_sha256
+
+    def png(text: str) -> str:
+        info = PngInfo()
+        info.add_text("parameters", text)
+        path = tmp_path / f"{abs(hash(text))}.png"
+        Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+        return handle_file(str(path))
+
+    base = "a cat\nSteps: 4, Sampler: DPM++ 2M, CFG scale: 7, Seed: 5, Size: 512x768, "
+    _, s, hint = client.predict(png(base + "Model: sdxl"), api_name="/png_info")
+    assert "**SDXL**" in hint and s["schedule"] == "karras"
+    _, s, hint = client.predict(png(base + "Model: elsewhere"), api_name="/png_info")
+    assert "**SD 1.x**" in hint
+    client.predict(checkpoint="Stable-diffusion/sdxl.safetensors", prompt="x", steps=1, width=64, height=64,
+                   api_name="/generate_sdxl")                           # loaded: its hash is known now
+    sdxl_hash = file_sha256(tiny_files("sdxl_base"))[:10]
+    _, s, hint = client.predict(png(base + f"Model hash: {sdxl_hash}, Model: renamed"), api_name="/png_info")
+    assert "**SDXL**" in hint
+    _, s, hint = client.predict(png(base + "Schedule type: Karras Exponential, Model: sdxl"), api_name="/png_info")
+    assert "warning: schedule type 'Karras Exponential' is not available here" in hint

@@ -128,7 +128,7 @@ def test_wrong_tab_is_refused_with_a_message(client):
 def test_batch_count_and_size(client):
     r = client.predict(**dict(SD1, steps=1, batch_size=2, batch_count=2, seed=10), api_name="/generate_sd1")
     seeds = [to_settings(parse_parameters(Image.open(i["image"]).info["parameters"]))["seed"] for i in r[0]]
-    assert seeds == [10, 10, 12, 12]
+    assert seeds == [10, 11, 12, 13]   # image i of batch n: seed + n * batch size + i (A1111's per-image seeds)
 
 
 def test_stop_through_the_api_and_next_run(client):

@@ -24,7 +24,8 @@ def test_round_trip_sdxl_with_refiner():
                             family="sdxl-base", sdxl_original_size=(2048, 1536), sdxl_crop=(16, 32),
                             refiner="sd_xl_refiner_1.0", refiner_hash="7440042bbd", refiner_switch_at=0.75,
                             aesthetic_score=6.5, negative_aesthetic_score=2.0, denoising_strength=0.6,
-                            clip_skip=2, batch_size=2, batch_pos=1)
+                            clip_skip=2, batch_size=2)
+    assert "Batch size: 2" in text and "Batch pos" not in text   # the seed is the image's own (s + i)
     s = to_settings(parse_parameters(text))
     assert s["prompt"] == "line one\nline two" and s["negative_prompt"] == "blurry"
     assert (s["steps"], s["sampler"], s["schedule"], s["cfg"], s["seed"], s["width"], s["height"]) == (
@@ -33,7 +34,7 @@ def test_round_trip_sdxl_with_refiner():
     assert s["sdxl_target_size"] == (768, 1024)
     assert (s["refiner"], s["refiner_hash"], s["refiner_switch_at"]) == ("sd_xl_refiner_1.0", "7440042bbd", 0.75)
     assert (s["aesthetic_score"], s["negative_aesthetic_score"], s["strength"], s["clip_skip"]) == (6.5, 2.0, 0.6, 2)
-    assert (s["batch_size"], s["batch_pos"], s["model"], s["model_hash"]) == (2, 1, "sd_xl_base_1.0", "6ce0161689")
+    assert (s["batch_size"], s["model"], s["model_hash"]) == (2, "sd_xl_base_1.0", "6ce0161689")
     assert guess_tab(s) == "sdxl" and s["warnings"] == []
 
 
@@ -49,7 +50,7 @@ def test_parse_a1111_text():
     s = to_settings(p)
     assert (s["sampler"], s["schedule"], s["steps"], s["cfg"], s["seed"], s["width"], s["height"]) == (
         "dpmpp_2m", "karras", 30, 7.5, 3229558212, 768, 512)
-    assert s["strength"] == 0.45 and guess_tab(s) == "sd2"
+    assert s["strength"] == 0.45 and guess_tab(s) == "sd1"   # 768x512: an SD 1.x landscape (SD 2-v is 768 both ways)
     s = to_settings(parse_parameters("a dog\nSteps: 20, Sampler: Weird One, Schedule type: Automatic, Seed: 5, "
                                      "Size: 512x512"))
     assert "sampler" not in s and "schedule" not in s and s["warnings"] == ["unknown sampler 'Weird One'"]

@@ -42,6 +42,7 @@ from sd.tokenizer import CHUNK_TOKENS, encode as encode_tokens
 from sd.vae_choice import AUTOMATIC, resolve_vae, vae_choices
 
 import app_extras  # hires fix, clip skip, styles, the extra-networks picker (issue 12)
+import app_inspect  # trajectory, schedules plot, checkpoint card (issue 13)
 import app_attention  # cross-attention maps of a run (issue 13)
 import app_grid  # the X/Y/Z comparison grid tab (issue 13)
 import app_sd3  # the Preset picker of the SD3 / 3.5 tab (variants shapes cannot tell apart: turbo)
@@ -107,6 +108,7 @@ def tab_inputs(tab: str) -> tuple[str, ...]:
         if inp.name not in names:
             names.append(inp.name)
     names += [n for n in app_extras.tab_params(fams) if n not in names]   # after the rest: old calls still work
+    names += [n for n in app_inspect.tab_params(fams) if n not in names]  # `inspect` (trajectory), off by default
     return tuple(names)
 
 
@@ -129,6 +131,7 @@ class AppContext:
     stops: dict = field(default_factory=dict)          # (session, tab) -> threading.Event of the running request
     lock: threading.Lock = field(default_factory=threading.Lock)
     extras: object = None                              # app_extras.Extras: --styles, --loras-dir, --vae-dir ...
+    inspect: dict = field(default_factory=dict)        # (session, tab) -> app_inspect.Inspection of the last run
 
     def demo_available(self) -> bool:
         return self.demo_path is not None and self.demo_path.is_file()
@@ -148,6 +151,7 @@ class RunOutput:
     seed: int
     status: str
     facts: str
+    inspection: object = None                          # app_inspect.Inspection when the request asked to inspect
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,6 +313,7 @@ PLAIN_DEFAULTS = {"prompt": "", "negative_prompt": "", "seed": -1, "batch_size":
                   "strength": 0.75, "prediction": "auto", "crop_top": 0, "crop_left": 0, "refiner": NO_REFINER,
                   "switch_at": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 PLAIN_DEFAULTS.update(app_extras.DEFAULTS)   # hires / clip skip / styles: off when left out
+PLAIN_DEFAULTS.update(app_inspect.DEFAULTS)  # inspect: off
 
 
 def fill_defaults(ctx: AppContext, tab: str, s: dict) -> dict:
@@ -452,6 +457,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     every = preview_every(steps)
     gallery, texts, done_steps, stopped = [], [], 0, False
     shown: list = []
+    recorded: list = []   # app_inspect: the recorder of the first run when the request inspects
     for n in range(count):
         p = _params(s, seed + n * int(s["batch_size"]))
         p.inputs = inputs
@@ -465,6 +471,7 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
                 prev = preview_image(info["denoised"], model.spec.family, preview_size(p.width, p.height))
             report("step", (base_done + i, total * count, prev))
 
+        on_step = app_inspect.recording(s, model, p, on_step, recorded) if n == 0 else on_step
         if refiner is not None:
             from sd.refiner import generate_with_refiner
 
@@ -503,7 +510,8 @@ def run_request(ctx: AppContext, tab: str, s: dict, stop: threading.Event, repor
     status += "".join(f"  \n*{n}*" for n in notes)
     gallery += [(img, caption) for caption, img in shown]   # after the count in the status: not outputs
     facts = describe(model.spec, model.path, model.path == ctx.demo_path)
-    return RunOutput(gallery, texts[0] if texts else "", seed, status, facts)
+    return RunOutput(gallery, texts[0] if texts else "", seed, status, facts,
+                     inspection=app_inspect.result(recorded, model))
 
 
 BUILD_OPTIONS = ("mask_blur", "masked_content", "inpaint_area", "masked_padding")  # infotext fields of the options
@@ -592,6 +600,7 @@ def stream_run(ctx: AppContext, tab: str, s: dict, request: gr.Request | None, p
             else:
                 finished = True
                 out: RunOutput = payload
+                app_inspect.keep(ctx, key, out)
                 yield out.gallery, skip, out.status, out.infotext, out.seed, out.facts
                 return
     finally:
@@ -644,6 +653,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                                                   scale=1, elem_id=f"{tab}-prediction")
         with gr.Column(scale=2):
             c["facts"] = gr.Markdown(start["facts"], elem_id=f"{tab}-facts")
+            app_inspect.build_card(ctx, tab, c, value)
     c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{tab}-negative")
     if tab == ctx.demo_tab():
@@ -695,6 +705,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
                                        elem_id=f"{tab}-used-seed")  # shown once a run has used one
             c["infotext"] = gr.Textbox(label="Parameters (PNG info)", lines=3, interactive=False,
                                        elem_id=f"{tab}-infotext")
+            app_inspect.build_view(ctx, tab, c)
     _wire_tab(ctx, tab, c)
     app_attention.build_view(ctx, tab, c)   # its own button and /attention_<tab>; every other run unchanged
     return c
@@ -809,6 +820,7 @@ def _wire_tab(ctx: AppContext, tab: str, c: dict) -> None:
     run = c["generate"].click(_generate_fn(ctx, tab, names), [c[k] for k in names], outputs,
                               api_name=f"generate_{tab}", concurrency_id="generate",
                               concurrency_limit=ctx.concurrency, show_progress_on=[c["status"]])
+    app_inspect.wire(ctx, tab, c, run, first=tab == next(iter(family_tabs())))
     run.then(lambda seed: gr.Number(visible=seed is not None), c["used_seed"], c["used_seed"],
              api_visibility="private", queue=False)
     def stop(request: gr.Request) -> str:

@@ -38,7 +38,7 @@ PART_NAMES = {"unet": "UNet", "mmdit": "MMDiT", "vae": "first stage (autoencoder
 
 
 def _shape(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))   # (1, 77, 768); a single dimension: (1,)
 
 
 def _count(n: int) -> str:
@@ -69,11 +69,21 @@ def evidence_lines(spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> list[
 
 
 def parameter_counts(spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """part -> number of parameters loaded into it (the loader's key accounting, as `python -m sd inspect`)."""
-    from .loader import account_keys
+    """part -> number of parameters the file holds for it: the network (model.diffusion_model.*), the first stage
+    (first_stage_model.*), each text tower (its prefix); any other part by its first two key levels ("embedder.model.*");
+    tensors the loader ignores by rule (position ids, schedule buffers: sd.checkpoint.ignore_reason) left out."""
+    from .checkpoint import ignore_reason
 
-    rep = account_keys(shapes, spec)
-    return {comp: sum(math.prod(shapes[k]) for k in keys) for comp, keys in rep.loaded.items() if keys}
+    parts = {spec.network: UNET, "vae": "first_stage_model."}
+    parts.update({f"text{i}": t.prefix for i, t in enumerate(spec.text_encoders)})
+    order = sorted(parts.items(), key=lambda kv: -len(kv[1]))   # the longest prefix first
+    out: dict[str, int] = {}
+    for k, shape in shapes.items():
+        if ignore_reason(k):
+            continue
+        comp = next((c for c, pfx in order if k.startswith(pfx)), ".".join(k.split(".")[:2]) + ".*")
+        out[comp] = out.get(comp, 0) + math.prod(shape)
+    return out
 
 
 def _part_name(comp: str, spec: ModelSpec) -> str:
@@ -146,10 +156,12 @@ def card_text(spec: ModelSpec, shapes: dict[str, tuple[int, ...]] | None = None,
     w, h = size or (fam.default_size, fam.default_size)
     hl, wl = h // lat.factor, w // lat.factor
     guess = {}
-    if spec.unet.context_dim:
-        guess["crossattn"] = (batch, 77, spec.unet.context_dim)
+    if spec.unet.context_dim:   # one 77-token chunk of a prompt; a family without a prompt: one (class) token
+        guess["crossattn"] = (batch, 77 if fam.text else 1, spec.unet.context_dim)
     if spec.unet.adm_in_channels:
         guess["vector"] = (batch, spec.unet.adm_in_channels)
+    elif getattr(spec.unet, "num_classes", 0):   # a class label per image (the x4 upscaler's noise level)
+        guess["vector"] = (batch,)
     if fam.concat:
         guess["concat"] = (batch, fam.concat_channels(), hl, wl)
     got = cond_shapes if cond_shapes is not None else guess
@@ -166,7 +178,8 @@ def card_text(spec: ModelSpec, shapes: dict[str, tuple[int, ...]] | None = None,
     if not got and not words:
         lines.append("- none: the model is unconditional")
     lines.append("" if cond_shapes is not None else
-                 f"*Shapes for a batch of {batch} at {w}x{h} with one 77-token chunk; a run shows its own.*")
+                 f"*Shapes for a batch of {batch} at {w}x{h}" + (" with one 77-token chunk" if fam.text else "")
+                 + "; an inspected run shows its own.*")
     return "\n".join(lines).rstrip()
 
 

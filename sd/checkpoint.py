@@ -55,7 +55,7 @@ IGNORE_RULES: tuple[tuple[str, str], ...] = (
      r"sqrt_recipm1_alphas_cumprod)", "noise-augmentation schedule buffer (the family reads the betas)"),
     (r"embedder\.model\.(token_embedding\.weight|positional_embedding|ln_final\.(weight|bias)|text_projection|"
      r"transformer\..*)", "unCLIP image embedder's text side (only its vision tower runs)"),
-    (r"model_ema\..*", "EMA copy (the model.* weights are used)"),
+    (r"model_ema\..*", "EMA copy (the LDM families load a complete one in place of model.*; else unused)"),
     (r".*\.position_ids", "text position ids (recomputed)"),
     (r".*logit_scale", "CLIP logit scale (unused for text conditioning)"),
     (r"logvar", "training log-variance"),

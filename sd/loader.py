@@ -146,9 +146,25 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], what: str, device
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def ema_unet_names(ckpt: Checkpoint) -> dict[str, str] | None:
+    """UNet name -> the key of its copy in the file's EMA (LDM's LitEma naming: `model_ema.` + "diffusion_model." +
+    the name with the dots removed, input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight), when
+    that copy is complete with the same shapes; else None (pruned files, placeholders)."""
+    shapes = ckpt.shapes()
+    ema = {k[len(UNET):]: "model_ema." + ("diffusion_model." + k[len(UNET):]).replace(".", "")
+           for k in shapes if k.startswith(UNET)}
+    if not ema or any(tuple(shapes.get(e, ())) != tuple(shapes[UNET + k]) for k, e in ema.items()):
+        return None
+    return ema
+
+
 def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32) -> UNetModel:
-    """Only the denoising network of a file (UNet or MMDiT; what `inspect` needs for the prediction probe)."""
-    return _load(build_network(spec, device="meta"), ckpt.tensors(UNET), "UNet" if spec.network == "unet" else
+    """Only the denoising network of a file (UNet or MMDiT; what `inspect` needs for the prediction probe). A family
+    with `unet_ema` (the LDMs, sampled inside ema_scope()) takes the file's complete EMA copy where it has one."""
+    fam = _family_of(spec)
+    ema = ema_unet_names(ckpt) if fam is not None and fam.unet_ema else None
+    tensors = {k: ckpt.get(e) for k, e in ema.items()} if ema else ckpt.tensors(UNET)
+    return _load(build_network(spec, device="meta"), tensors, "UNet" if spec.network == "unet" else
                  spec.network.upper(), device, dtype)
 
 
@@ -166,9 +182,11 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
         vae = _load(build_first_stage(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
     texts, notes = [], ()
     fam = _family_of(spec)
+    if fam is not None and fam.unet_ema and ema_unet_names(ckpt):   # said with every result
+        notes = ("UNet weights: the file's EMA copy (model_ema.*), as the reference samplers use it",)
     if fam is not None and fam.text_parts is not None:
         got = fam.text_parts(ckpt, spec, sources, device, dtype)
-        texts, notes = list(got.modules), tuple(got.notes)
+        texts, notes = list(got.modules), (*notes, *got.notes)
     else:
         for cfg in spec.text_encoders:
             enc = build_text_encoder(cfg, device="meta")

@@ -56,7 +56,8 @@ def test_layout_detected_and_rebuilt_exactly(name: str) -> None:
     assert not rep.missing and not rep.unexpected and not rep.shape_mismatch
     assert sum(map(len, rep.loaded.values())) + len(rep.ignored) + len(rep.unsupported) == len(shapes)
     assert set(rep.ignored.values()) <= {"LDM schedule buffer (recomputed from the betas)",
-                                         "EMA copy (the model.* weights are used)",
+                                         "EMA copy (the LDM families load a complete one in place of model.*; else "
+                                         "unused)",
                                          "LDM latent scale buffer (read by the family, sd/families/ldm.py)",
                                          "LDM text transformer's unused logits head"}
     assert ("scale_factor" in rep.ignored) == (name == "ldm_lsun_churches256")
@@ -492,3 +493,31 @@ def test_models_not_run_yet_load_and_say_what_they_need(name: str, needs: str, t
     with pytest.raises((ValueError, CheckpointError), match=f"not run yet: needs {needs}") as e:
         generate(model, GenerateParams(width=64, height=64, steps=1))
     assert "\n" not in str(e.value)
+
+
+def test_the_unet_comes_from_the_files_ema_copy(tmp_path: Path) -> None:
+    """The released LDMs are sampled inside ema_scope(): the UNet takes the complete model_ema.* copy (LitEma's names,
+    the dots removed), which every released LDM list has for each UNet tensor; a file whose copy is incomplete or of
+    other shapes (pruned re-saves; tests/tiny.py's placeholders) keeps model.diffusion_model.*."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from sd.loader import ema_unet_names
+
+    for name in ("ldm_celeba256", "ldm_lsun_churches256", "ldm_inpainting_big", "ldm_text2img256", "ldm_bsr_sr"):
+        shapes = reference_shapes(name)
+        ema = ema_unet_names(SimpleNamespace(shapes=lambda s=shapes: s))
+        assert ema is not None and len(ema) == sum(k.startswith("model.diffusion_model.") for k in shapes)
+        assert ema["input_blocks.0.0.weight"] == "model_ema.diffusion_modelinput_blocks00weight"
+    assert ema_unet_names(SimpleNamespace(shapes=lambda: reference_shapes("ldm_txt2img_f8_large"))) is None  # no EMA
+    plain = _write("ldm_celeba256", tmp_path / "plain.safetensors")
+    sd = load_file(str(plain))
+    unet = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    copy = {"model_ema." + k[len("model."):].replace(".", ""): v + 0.01 for k, v in unet.items()}
+    model = load_model(_write("ldm_celeba256", tmp_path / "ema.safetensors", **copy))
+    got = model.parts.unet.state_dict()
+    assert all(torch.equal(got[k[len("model.diffusion_model."):]], unet[k] + 0.01) for k in unet)
+    assert "UNet weights: the file's EMA copy (model_ema.*), as the reference samplers use it" in model.spec.notes
+    kept = load_model(plain).parts.unet.state_dict()        # placeholders (zeros(1)): model.* as stored
+    assert all(torch.equal(kept[k[len("model.diffusion_model."):]], unet[k]) for k in unet)

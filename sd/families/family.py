@@ -128,6 +128,8 @@ class Family:
     latent_from_file: Callable[[Any, LatentFormat], tuple[LatentFormat, str]] | None = None
                                                # (checkpoint, the declared latent) -> (the latent this file uses,
                                                # a note): LDM's `scale_factor` buffer (scale_by_std models)
+    unet_ema: bool = False                     # the UNet's weights from the file's complete EMA copy where it has
+                                               # one (LDM's model_ema.*: the released LDMs are sampled in ema_scope)
     ays_table: str = "sd1"                     # which of NVIDIA's Align Your Steps tables the "Align Your Steps"
                                                # schedule uses (sd.schedules.AYS_TABLES; A1111: "sdxl" for SDXL)
     # --- the checkpoint card (sd.card): plain words a learner can follow

@@ -328,7 +328,7 @@ def inpaint_condition(parts, spec, request, generator=None) -> tuple[dict, None]
 
 
 _COMMON = dict(tab="ldm", default_size=256, empty_negative="encode", sigmas_buffer="alphas_cumprod",
-               latent_from_file=file_scale)
+               latent_from_file=file_scale, unet_ema=True)
 # The checkpoint card's words (sd.card): what each LDM ("SD v0", Rombach et al. 2022) model is.
 _LDM = "the original latent diffusion model: a UNet denoising in a pretrained autoencoder's latent space"
 _CLASS_WORDS = (("crossattn", "the learned embedding of the ImageNet class (one token)"),)

@@ -30,6 +30,7 @@ DEFAULTS = {"inspect": False}
 REFERENCE = "training sigmas (reference)"
 START = "img2img start"
 CURVE_POINTS = 200        # points of the reference curve (of the 1000 training sigmas)
+KEEP = 8                  # inspected runs kept (one per session and tab, the most recent ones)
 
 
 def _app():
@@ -99,13 +100,26 @@ def plots(df: pd.DataFrame | None):
     return gr.LinePlot(value=df), gr.LinePlot(value=df)
 
 
+def _per_file(ctx, kind: str, path, make):
+    """make() once per (kind, file, size, mtime): a .ckpt is read whole, so its sigmas and shapes are kept."""
+    st = path.stat()
+    key = (kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with ctx.lock:
+        if key in ctx.inspect:
+            return ctx.inspect[key]
+    value = make()
+    with ctx.lock:
+        ctx.inspect[key] = value
+    return value
+
+
 def _training_of(ctx, value: str):
     """(family, training sigmas (T,)) of a dropdown value: the file's own schedule buffers (sd.loader)."""
     from sd.loader import training_sigmas
 
     path, spec, _ = _app().selection(ctx, value, probe=False)
     fam = get_family(spec.family)
-    return fam, training_sigmas(open_checkpoint(path), fam)[0]
+    return fam, _per_file(ctx, "sigmas", path, lambda: training_sigmas(open_checkpoint(path), fam)[0])
 
 
 def schedule_data(ctx, value, schedule, steps, sampler, strength=None, values: dict | None = None):
@@ -167,7 +181,11 @@ def keep(ctx, key, out) -> None:
     got = getattr(out, "inspection", None)
     if got is not None:
         with ctx.lock:
-            ctx.inspect[key] = got
+            ctx.inspect.pop(key, None)
+            ctx.inspect[key] = got                  # the newest last
+            kept = [k for k, v in ctx.inspect.items() if isinstance(v, Inspection)]
+            for k in kept[:-KEEP]:                  # the oldest sessions' runs go (each holds its model)
+                del ctx.inspect[k]
 
 
 def _kept(ctx, request, tab) -> Inspection | None:
@@ -185,7 +203,7 @@ def card_for(ctx, value) -> str:
         return "*no checkpoint selected*"
     try:
         path, spec, is_demo = a.selection(ctx, value, probe=False)
-        shapes = open_checkpoint(path).shapes()
+        shapes = _per_file(ctx, "shapes", path, lambda: open_checkpoint(path).shapes())
     except a.USER_ERRORS as e:
         return f"**cannot describe this file:** {e}"
     size = get_family(spec.family).size_for(None) if not is_demo else 64

@@ -136,3 +136,29 @@ def test_every_family_has_preview_factors_for_its_latent():
         factors, bias = fam.preview
         assert len(factors) == fam.latent.channels and all(len(r) == 3 for r in factors), fam.name
         assert len(bias) == 3, fam.name
+
+
+def test_flow_model_noise_is_the_mmdits_velocity(tmp_path):
+    from sd.mmdit import mmdit_net
+
+    from .tiny_sd3 import write_tiny_sd3, write_tiny_spiece
+
+    path = write_tiny_sd3("sd3_medium", tmp_path / "sd3_medium_incl_clips_t5xxlfp16.safetensors")
+    write_tiny_spiece(tmp_path / "spiece.model")
+    model = load_model(path)
+    p = replace(P, steps=3, sampler="euler", width=32, height=32)
+    res, traj = recorded(model, p)
+    assert traj.prediction == "flow" and traj.sigma[0] == 1.0 and "velocity" in traj.label("noise")
+    assert float((traj.x0[-1] - res.latents[:1]).abs().max()) < 1e-6
+    req = replace(p, inputs=request_inputs(model.spec, p))
+    cond, uncond = model.family.condition(model.parts, model.spec, req, seed_generator(p.seed))
+    net = mmdit_net(model.parts.unet)
+    for step in (0, 1):
+        x, sigma = traj.x[step], traj.sigma[step]
+        t = torch.tensor([1000 * sigma])                                   # flow: t = 1000 sigma, c_in = 1
+        with torch.no_grad():
+            f_c, f_u = net(x, t, **cond), net(x, t, **uncond)
+        v = f_u + p.cfg * (f_c - f_u)                                      # the MMDiT predicts v = noise - x0
+        assert float(v.abs().mean()) > 0.01
+        assert float((traj.noise(step) - v).abs().max()) < 5e-5
+        assert torch.equal(traj.shown_x(step), x)                          # flow: x_t shown as it is

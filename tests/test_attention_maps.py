@@ -84,12 +84,12 @@ def test_long_prompt_unstacked_branches_and_a_batch(demo) -> None:
 
 def test_shape_word_is_on_its_side_for_held_out_prompts(demo) -> None:
     """Held-out captions with the shape in a left or right corner: the shape word's map has more mass on that
-    half in at least 70% of the prompts (measured on the shipped demo model: 16 of 16 at 5 steps)."""
+    half in at least 70% of the prompts (measured on the shipped demo model: 16 of 16 at 3 steps, and at 5 and 10)."""
     good = n = 0
     for caption, target, _ in held_out_prompts():
         if target.position == "center":
             continue
-        res, maps = am.generate_with_maps(demo, _params(caption, seed=n))
+        res, maps = am.generate_with_maps(demo, _params(caption, seed=n, steps=3))
         word = next(w for w in maps.words if w.text == target.shape)
         m = maps.word_map(word)                  # (8, 8)
         left, right = m[:, :4].sum().item(), m[:, 4:].sum().item()

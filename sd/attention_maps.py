@@ -339,6 +339,7 @@ def token_labels(model, p, length: int) -> tuple[list[str], list[float]]:
             lab, w = _label_chunk(ids, w)
             labels += lab
             weights += w
+    weights = [round(float(w), 6) for w in weights]   # float32 weights (1.2 -> 1.2000000476...) as written
     if len(labels) != length:   # another tokenizer (LDM's BERT), or a prompt the BPE labels do not fit: numbers
         labels = [f"#{i}" for i in range(length)]
         weights = [1.0] * length

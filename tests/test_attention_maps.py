@@ -193,3 +193,17 @@ def test_cli_writes_one_png_per_token_and_the_json(tmp_path, capsys) -> None:
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "a.png"),
                  "--attention-maps", str(tmp_path / "img.png")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_sdxl_two_towers_share_the_token_positions(tiny_files) -> None:
+    """SDXL's context is CLIP-L and bigG side by side: one label per position, the A1111 weights; the released
+    layout's 70 attn2 layers (2 x 2 + 2 x 10 down, 10 in the middle, 3 x 10 + 3 x 2 up), summing to their heads."""
+    model = load_model(tiny_files("sdxl_base"))
+    p = GenerateParams(prompt="a (red:1.2) circle", width=64, height=64, steps=2, cfg=5.0, seed=1)
+    plain = generate(model, p)
+    res, maps = am.generate_with_maps(model, p)
+    assert torch.equal(plain.latents, res.latents)
+    attn = [m for n, m in model.parts.unet.named_modules() if n.endswith(".attn2")]
+    assert maps.layers == len(attn) == 70 and maps.total == sum(m.heads for m in attn)
+    assert [(w.text, w.weight) for w in maps.words] == [("a", 1.0), ("red", 1.2), ("circle", 1.0)]
+    assert ((maps.maps[0].sum(0) - maps.total).abs() / maps.total).max() < 1e-6   # float32 softmax rounding

@@ -53,8 +53,9 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
 
         def on_step(info: dict, offset=offset, name=name) -> None:
             done["n"] = offset + info["step"] + 1
-            if callback is not None:
-                callback({**info, "step": offset + info["step"], "total": total, "model": name})
+            if callback is not None:   # the first step also reports the starting latent (sd.trajectory's x_t)
+                start = {"x_in": x} if offset + info["step"] == 0 else {}
+                callback({**info, "step": offset + info["step"], "total": total, "model": name, **start})
 
         x = sample(p.sampler, guided_denoiser(model, p), x.to(model.device, model.dtype), part.to(model.device),
                    generator=gen, callback=on_step, stop=stop, eta=p.eta)

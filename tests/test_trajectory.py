@@ -162,3 +162,20 @@ def test_flow_model_noise_is_the_mmdits_velocity(tmp_path):
         assert float(v.abs().mean()) > 0.01
         assert float((traj.noise(step) - v).abs().max()) < 5e-5
         assert torch.equal(traj.shown_x(step), x)                          # flow: x_t shown as it is
+
+
+def test_refiner_hand_off_is_recorded_across_both_models(tiny_files):
+    from sd.refiner import generate_with_refiner
+
+    base, refiner = load_model(tiny_files("sdxl_base")), load_model(tiny_files("sdxl_refiner"))
+    p = replace(P, steps=2, sampler="euler")
+    plain = generate_with_refiner(base, refiner, p, 0.5)
+    rec = Recorder(base.spec.prediction, base.spec.family)
+    res = generate_with_refiner(base, refiner, p, 0.5, callback=rec)
+    t = rec.trajectory
+    assert torch.equal(plain.latents, res.latents)
+    assert t.models == ["base", "refiner"] and all(x is not None for x in t.x)
+    # the refiner's first x_t is the base's last state: x_t(1) = x_t(0) + (x_t(0) - x0(0)) / s0 * (s1 - s0)
+    s0, s1 = t.sigma[0], t.sigma[1]
+    assert torch.allclose(t.x[1], t.x[0] + (t.x[0] - t.x0[0]) / s0 * (s1 - s0), atol=1e-5)
+    assert float((t.x0[-1] - res.latents[:1]).abs().max()) < 1e-6

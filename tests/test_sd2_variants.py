@@ -9,6 +9,7 @@ app's /generate_upscale endpoint through gradio_client. Parity with diffusers is
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import os
 import threading
@@ -324,6 +325,16 @@ def test_depth_map_shown_with_the_result(depth) -> None:
     again = generate(depth, depth_params(steps=2, inputs={"image": picture(64, 48),
                                                           "depth_map": Image.fromarray(m.numpy())}))
     assert torch.equal(again.latents, est.latents) and (est.latents - given.latents).abs().max() > 1e-3
+    # a caller of the conditioner itself (the checkpoint card) without a map gets the estimate too
+    from sd.pipeline import request_inputs, seed_generator
+
+    def concat(inputs):
+        p = depth_params(inputs=inputs)
+        req = replace(p, inputs=request_inputs(depth.spec, p))
+        return depth.family.condition(depth.parts, depth.spec, req, seed_generator(3))[0]["concat"]
+
+    assert torch.equal(concat({"image": picture(64, 48)}), concat({"image": picture(64, 48),
+                                                                  "depth_map": Image.fromarray(m.numpy())}))
 
 
 def test_flat_depth_map_is_refused(depth) -> None:

@@ -184,10 +184,12 @@ def depth_prepare(parts, spec: ModelSpec, request) -> tuple[dict, tuple]:
 
 def depth_condition(parts, spec: ModelSpec, request, generator) -> tuple[dict, dict]:
     """Text (OpenCLIP penultimate, "" encoded) + concat = the normalised depth map (B, 1, h, w), identical in both
-    CFG branches. Draws nothing (the init image's posterior sample is drawn by depth_img2img, first)."""
+    CFG branches. Draws nothing (the init image's posterior sample is drawn by depth_img2img, first). Without a
+    map (a caller that skipped generate's Family.prepare) MiDaS estimates it here."""
+    inputs = request.inputs if request.inputs.get("depth_map") is not None else depth_prepare(parts, spec, request)[0]
     cond, uncond = text_condition(parts, spec, request, generator)
     size = (request.height // spec.latent.factor, request.width // spec.latent.factor)
-    depth = depth_map_tensor(request.inputs["depth_map"], size).to(cond["crossattn"].dtype)   # (1, 1, h, w)
+    depth = depth_map_tensor(inputs["depth_map"], size).to(cond["crossattn"].dtype)           # (1, 1, h, w)
     extra = batched({"concat": depth}, request.batch_size)
     return {**cond, **extra}, {**uncond, **extra}
 

@@ -260,8 +260,9 @@ def build_view(ctx, tab: str, c: dict) -> None:
             c["inspect_decoded"] = gr.Gallery(label="First-stage decode", columns=2, height=200, format="png",
                                               elem_id=f"{tab}-inspect-decoded")
         for name in STRIPS:
-            c[f"inspect_strip_{name}"] = gr.Gallery(label=f"filmstrip: {name}", columns=10, height=140,
-                                                    format="png", elem_id=f"{tab}-inspect-strip-{name.replace('_', '')}")
+            c[f"inspect_strip_{name}"] = gr.Gallery(
+                label=f"filmstrip: {name}", columns=10, height=140, format="png",
+                elem_id=f"{tab}-inspect-strip-{name.replace('_', '')}")
         c["inspect_json"] = gr.JSON(label="sigmas per step", elem_id=f"{tab}-inspect-json", visible=False)
         gr.Markdown("**Schedules**: the sigmas the sampler visits for each schedule at these steps (the final 0 is "
                     "off the log scale), the model's training sigmas as the reference, and the img2img start.")

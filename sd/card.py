@@ -70,8 +70,9 @@ def evidence_lines(spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> list[
 
 def parameter_counts(spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """part -> number of parameters the file holds for it: the network (model.diffusion_model.*), the first stage
-    (first_stage_model.*), each text tower (its prefix); any other part by its first two key levels ("embedder.model.*");
-    tensors the loader ignores by rule (position ids, schedule buffers: sd.checkpoint.ignore_reason) left out."""
+    (first_stage_model.*), each text tower (its prefix); any other part by its first two key levels
+    ("embedder.model.*"); tensors the loader ignores by rule (position ids, schedule buffers:
+    sd.checkpoint.ignore_reason) left out."""
     from .checkpoint import ignore_reason
 
     parts = {spec.network: UNET, "vae": "first_stage_model."}

@@ -24,7 +24,8 @@ STEPS = 12
 
 
 def curves(plot: gr.LinePlot) -> dict[str, list[tuple[float, ...]]]:
-    """The plot's data (what Gradio sends the browser, rounded to 10 decimals) per curve: [(step, sigma, log10 sigma, log-SNR)]."""
+    """The plot's data (what Gradio sends the browser, rounded to 10 decimals) per curve:
+    [(step, sigma, log10 sigma, log-SNR)]."""
     value = plot.value
     cols = value["columns"]
     out: dict[str, list] = {}

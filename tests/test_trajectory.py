@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd.denoiser import scalings, sigma_to_t
+from sd.denoiser import sigma_to_t
 from sd.families import FAMILIES
 from sd.pipeline import GenerateParams, generate, load_model, request_inputs, sampling_sigmas, seed_generator
 from sd.trajectory import STRIPS, Recorder

@@ -439,6 +439,8 @@ LDM_CHURCHES = Family(
     name="ldm-uncond-kl-f8", label="LDM unconditional 256 (LSUN churches, KL-f8)", matches=uncond_kl,
     build=build_plain, latent=KL_F8_STD, condition=no_condition, schedule=(0.0015, 0.0155, 1000), preview=_GREY4,
     unet_config=_heads(count=8), preset="ldm-uncond-kl", **_COMMON,
+    about=_LDM + " (KL-f8), unconditional, with scale-shift-norm ResBlocks",
+    evidence=("!" + COND, "!first_stage_model.quantize.embedding.weight"),
     notes=("scale-shift-norm ResBlocks with resblock_updown; the latent scale is the file's scale_factor buffer",),
 )
 
@@ -448,6 +450,10 @@ LDM_INPAINT = Family(
     build=build_plain, latent=VQ_F4, concat=INPAINT_CONCAT, schedule=(0.0015, 0.0205, 1000), preview=_GREY3,
     unet_config=_heads(count=8), condition=inpaint_condition, inputs=INPAINT_INPUTS, check=inpaint_check,
     extras=inpaint_extras, extra_tensors=inpaint_tensors, preset="ldm-inpainting", **_COMMON,
+    about=_LDM + " (VQ-f4) for inpainting: the masked image, through a copy of the first stage, and the mask are "
+          "appended to the latent", evidence=(COND_VQ, "first_stage_model.quantize.embedding.weight"),
+    conditioning=(("concat", "the masked image's latent from the cond stage (a copy of the first stage) and the "
+                             "mask, at the latent size"),),
     notes=("returns the model's output everywhere (scripts/inpaint.py pastes the original back outside the mask)",),
 )
 

@@ -17,8 +17,9 @@ the attention code runs exactly as it does today.
 
 Which rows of a network call are the conditional branch follows `sd.guidance.cfg_denoiser` (and `sd.slg`): a
 batched call stacks [cond; uncond] (2B rows: the first B are cond); unguided calls (CFG 1) are cond; when the two
-branches cannot be stacked (contexts of different lengths) the cond call comes first, so its context length
-identifies it. SD3.5's skip-layer pass (`skip_layers` given) is not recorded.
+branches cannot be stacked (contexts of different lengths) the cond call comes first and the uncond call follows on
+the same x, so the context length and the repeated x identify them. SD3.5's skip-layer pass (`skip_layers` given)
+is not recorded.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class _Recorder:
         self.owner = threading.get_ident()
         self.rows: slice | None = None      # cond rows of the current network call; None: do not record it
         self.cond_len: int | None = None    # context length of the cond branch when it runs unstacked
+        self.last_x: Tensor | None = None   # the x of the last unstacked cond call (its uncond call follows on it)
         self.acc: dict[tuple[int, int], Tensor] = {}   # (h_l, w_l) -> (B, T, h_l, w_l) float64 sums
         self.evaluations = 0
         self.layers: set[int] = set()
@@ -118,11 +120,13 @@ class _Recorder:
         if n == 2 * b and self.guided:
             self.rows = slice(0, b)
         elif n == b:
-            if self.guided:   # unstacked branches: the cond call comes first, its length names it afterwards
-                if self.cond_len is None:
+            if self.guided:   # unstacked branches: the cond call comes first (its length names it afterwards),
+                if self.cond_len is None:   # then the uncond one on the same x
                     self.cond_len = ctx.shape[1]
-                if ctx.shape[1] != self.cond_len:
+                if ctx.shape[1] != self.cond_len or (self.last_x is not None and torch.equal(x, self.last_x)):
+                    self.last_x = None
                     return
+                self.last_x = x.detach()
             self.rows = slice(0, b)
         else:
             return

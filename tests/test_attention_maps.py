@@ -75,11 +75,24 @@ def test_long_prompt_unstacked_branches_and_a_batch(demo) -> None:
     p = _params(long, steps=2, negative_prompt="green")
     res, maps = am.generate_with_maps(demo, p)
     assert maps.evaluations == 2 and maps.maps.shape == (1, 154, 8, 8)
-    assert maps.tokens[0] == maps.tokens[77] == "<start>" and maps.tokens[76] == "<end>"
+    assert maps.tokens[0] == maps.tokens[77] == "<start>" and maps.tokens.count("<end>") == 2   # a chunk each
     assert (maps.maps[0].sum(0) - maps.total).abs().max() < 1e-5
     res, maps = am.generate_with_maps(demo, _params("a red circle", steps=2, batch_size=2))
     assert maps.evaluations == 2 and maps.maps.shape == (2, 77, 8, 8)
     assert (maps.maps.sum(1) - maps.total).abs().max() < 1e-5 and not torch.equal(maps.maps[0], maps.maps[1])
+
+
+def test_unstacked_branches_of_equal_length_record_the_cond_call_only(demo, monkeypatch) -> None:
+    """cond and uncond as two calls on the same x (what sd.guidance does when they cannot be stacked): the maps
+    equal the stacked run's up to float rounding, one evaluation per Heun evaluation."""
+    from sd import guidance
+
+    p = _params("a red circle", steps=3, sampler="heun")
+    res, stacked = am.generate_with_maps(demo, p)
+    monkeypatch.setattr(guidance, "_can_batch", lambda c, u: False)
+    res2, two = am.generate_with_maps(demo, p)
+    assert stacked.evaluations == two.evaluations == 5            # Heun: 2 evaluations per step, 1 on the last
+    assert (stacked.maps - two.maps).abs().max() < 1e-4
 
 
 def test_shape_word_is_on_its_side_for_held_out_prompts(demo) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, file_sha256, load_pickle, open_checkpoint
-from .tokenizer import BREAK_WEIGHT, CHUNK_TOKENS, EOT, SOT, encode, parse_prompt_attention, tokenize_weighted
+from .tokenizer import CHUNK_TOKENS, encode, tokenize_chunks, tokenize_weighted
 
 Tensor = torch.Tensor
 
@@ -120,66 +120,34 @@ class Active:
     used: dict[str, str]           # name -> short hash, in first-use order (shared by the request's towers)
 
 
-def tokenize_with_embeddings(text: str, pad_token: int, active: Active | None
+def tokenize_with_embeddings(text: str, pad_token: int, active: Active | None, cleaning: str = "hf"
                              ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
-    """sd.tokenizer.tokenize_weighted plus embeddings: (tokens (N, 77), weights (N, 77), fixes [(chunk, position,
-    vectors (n, width))]). Without active embeddings (or none named in the text) it is tokenize_weighted exactly."""
+    """sd.tokenizer.tokenize_chunks with the active embeddings found at their name tokens (the longest name first,
+    as A1111): (tokens (N, 77), weights (N, 77), fixes [(chunk, position, vectors (n, width))]). Without active
+    embeddings (or none named in the text) it is tokenize_weighted exactly."""
     if active is None or not active.by_tokens:
-        t, w = tokenize_weighted(text, pad_token)
+        t, w = tokenize_weighted(text, pad_token, cleaning)
         return t, w, []
     by_first: dict[int, list[tuple[tuple[int, ...], tuple[Embedding, Tensor]]]] = {}
     for ids, item in active.by_tokens.items():
         by_first.setdefault(ids[0], []).append((ids, item))
     for v in by_first.values():
         v.sort(key=lambda e: -len(e[0]))                                   # longest name first (A1111)
-    chunks_t: list[list[int]] = []
-    chunks_w: list[list[float]] = []
-    fixes: list[tuple[int, int, Tensor]] = []
-    cur_t: list[int] = []
-    cur_w: list[float] = []
-    cur_fix: list[tuple[int, Tensor]] = []
 
-    def close() -> None:
-        fill = CHUNK_TOKENS - len(cur_t)
-        fixes.extend((len(chunks_t), 1 + off, vec) for off, vec in cur_fix)   # +1: after SOT
-        chunks_t.append([SOT] + cur_t + [EOT] + [pad_token] * fill)
-        chunks_w.append([1.0] + cur_w + [1.0] + [1.0] * fill)
-        cur_t.clear()
-        cur_w.clear()
-        cur_fix.clear()
+    def special(ids: list[int], i: int) -> tuple[int, Tensor] | None:
+        hit = next(((k, item) for k, item in by_first.get(ids[i], ()) if tuple(ids[i:i + len(k)]) == k), None)
+        if hit is None:
+            return None
+        key, (emb, vec, why) = hit
+        if vec is None:
+            raise ValueError(why)
+        if vec.shape[0] > CHUNK_TOKENS:
+            raise ValueError(f"embedding {emb.name} has {vec.shape[0]} vectors, more than the {CHUNK_TOKENS} tokens of "
+                             "a chunk; it cannot be used")
+        active.used.setdefault(emb.name, embedding_hash(emb.path))
+        return len(key), vec
 
-    for frag, weight in parse_prompt_attention(text):
-        if weight == BREAK_WEIGHT and frag == "BREAK":
-            close()
-            continue
-        ids = encode(frag)
-        i = 0
-        while i < len(ids):
-            hit = next(((k, item) for k, item in by_first.get(ids[i], ()) if tuple(ids[i:i + len(k)]) == k), None)
-            if hit is None:
-                if len(cur_t) == CHUNK_TOKENS:
-                    close()
-                cur_t.append(ids[i])
-                cur_w.append(weight)
-                i += 1
-                continue
-            key, (emb, vec, why) = hit
-            if vec is None:
-                raise ValueError(why)
-            n = vec.shape[0]
-            if n > CHUNK_TOKENS:
-                raise ValueError(f"embedding {emb.name} has {n} vectors, more than the {CHUNK_TOKENS} tokens of a "
-                                 "chunk; it cannot be used")
-            if len(cur_t) + n > CHUNK_TOKENS:                              # does not fit: pad, next chunk
-                close()
-            cur_fix.append((len(cur_t), vec))
-            cur_t.extend([0] * n)
-            cur_w.extend([weight] * n)
-            active.used.setdefault(emb.name, embedding_hash(emb.path))
-            i += len(key)
-    if cur_t or not chunks_t:
-        close()
-    return torch.tensor(chunks_t, dtype=torch.long), torch.tensor(chunks_w, dtype=torch.float32), fixes
+    return tokenize_chunks(text, pad_token, cleaning, special)
 
 
 # ------------------------------------------------------------------------------------------------ applying

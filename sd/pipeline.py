@@ -325,7 +325,8 @@ def per_image_condition(fam: Family, model: "LoadedModel", req: GenerateParams,
 
 
 def guided_denoiser(model: LoadedModel, p: GenerateParams,
-                    generator: torch.Generator | list[torch.Generator] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+                    generator: torch.Generator | list[torch.Generator] | None = None
+                    ) -> Callable[[Tensor, Tensor], Tensor]:
     """The family's conditioning of the request (cond, uncond: crossattn / vector / concat) wrapped in CFG:
     D(x, sigma). `generator`: one generator per image (image_generators; fresh ones from the seeds when None), or a
     single generator shared by the batch."""

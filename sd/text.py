@@ -294,11 +294,18 @@ def load_text_encoder_weights(module: TextEncoder, tensors: dict[str, Tensor], c
 # ----------------------------------------------------------------------------- prompts
 
 
+def text_cleaning(cfg: TextEncoderConfig) -> str:
+    """How the tower's own tokenizer cleans text (sd.tokenizer.clean_text): an OpenCLIP tower ("openclip" naming:
+    SD 2.x ViT-H, SDXL bigG) as open_clip does (HTML unescaped), a transformers CLIP-L ("hf") as CLIPTokenizer does."""
+    return "openclip" if cfg.naming == "openclip" else "hf"
+
+
 @torch.no_grad()
 def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
     """Prompt -> (hidden (1, 77 * n_chunks, width), pooled (1, P) or None), AUTOMATIC1111 semantics.
 
-    Weighted 75-token chunks (sd.tokenizer.tokenize_weighted, padding with encoder.cfg.pad_token) are
+    Weighted 75-token chunks (sd.tokenizer.tokenize_chunks: A1111's comma backtrack and BREAK; padding with
+    encoder.cfg.pad_token; the text cleaned as the tower's tokenizer does, text_cleaning) are
     encoded; in each chunk every token's hidden state is multiplied by its weight and the chunk is then
     rescaled so its mean equals the unweighted mean. Chunks are concatenated along the sequence; pooled
     comes from chunk 0. clip_skip k > 1 takes hidden_states[-k] (then the final LN iff cfg.final_ln) for
@@ -308,7 +315,8 @@ def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[
     cfg = encoder.cfg
     from sd.embeddings import active_for, inserted, tokenize_with_embeddings   # textual inversion (this request's)
 
-    tokens, weights, fixes = tokenize_with_embeddings(text, cfg.pad_token, active_for(encoder))  # (N, 77), (N, 77)
+    tokens, weights, fixes = tokenize_with_embeddings(text, cfg.pad_token, active_for(encoder),  # (N, 77), (N, 77)
+                                                      text_cleaning(cfg))
     device = next(encoder.parameters()).device
     layer_index = -clip_skip if (clip_skip > 1 and cfg.layer == "last") else None
     with inserted(encoder, fixes):   # embedding vectors at their token positions (no fixes: the plain forward)

@@ -2,16 +2,21 @@
 
 One tokenizer serves CLIP-L, OpenCLIP ViT-H and ViT-bigG: the 49408-entry vocabulary built from the
 merges file that open_clip bundles (`open_clip/bpe_simple_vocab_16e6.txt.gz`), found on disk without
-importing open_clip. Text is cleaned like CLIP does (ftfy, HTML unescape, collapsed whitespace, lower
-case), split with CLIP's regex, and each piece is byte-encoded and merged by BPE rank.
+importing open_clip. Text is cleaned the way the tower's own tokenizer does it (`clean_text`): "hf" as
+transformers' CLIPTokenizer (ftfy, collapsed whitespace, lower case; no HTML unescape), the CLIP-L towers
+of SD 1.x / SDXL / SD3 as A1111 and SGM tokenize them; "openclip" as open_clip's tokenizer (ftfy, HTML
+unescape twice, collapsed whitespace, lower case), the OpenCLIP towers of SD 2.x / SDXL bigG as A1111
+tokenizes them. Then it is split with CLIP's regex, and each piece is byte-encoded and merged by BPE rank.
 
 Prompts follow the AUTOMATIC1111 webui conventions:
   (word)       weight x 1.1          [word]      weight / 1.1
   (word:1.5)   weight x 1.5          nested brackets multiply
   \\( \\) \\[ \\] \\\\  literal characters    BREAK       ends the current 75-token chunk
-and long prompts are cut into 75-token chunks, each sent as SOT + 75 tokens + EOT (+ padding) = 77.
-Deviation from the webui: no "comma padding backtrack" (chunks are cut at exactly 75 tokens, as
-ComfyUI does), and BREAK inside brackets still breaks.
+and long prompts are cut into 75-token chunks, each sent as SOT + 75 tokens + EOT (+ padding) = 77, by
+A1111's rule (`sd_hijack_clip.tokenize_line`): when a token arrives at a full chunk whose last comma is at
+most 20 tokens back, the chunk ends after that comma and the tokens after it open the next chunk; BREAK
+ends the chunk. Deviations from the webui: BREAK inside brackets still breaks, and an embedding moved by
+the comma backtrack keeps its vectors (A1111 leaves its fix in the old chunk).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import importlib.util
 import os
 import re
 from functools import lru_cache
+from typing import Callable
 
 import ftfy
 import regex
@@ -31,6 +37,9 @@ EOT = 49407                # <end_of_text>
 CONTEXT_LENGTH = 77        # tokens per sequence the text towers take
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # prompt tokens per chunk (SOT and EOT take the other two)
 BREAK_WEIGHT = -1.0        # weight marking a BREAK entry in parse_prompt_attention's output
+COMMA = 267                # ",</w>"
+COMMA_BACKTRACK = 20       # A1111's opts.comma_padding_backtrack default
+CLEANINGS = ("hf", "openclip")
 
 # CLIP's pre-tokenizer: common English contractions, letter runs, single digits, other symbol runs.
 _SPLIT = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
@@ -99,25 +108,32 @@ def _bpe_word(word: str) -> tuple[int, ...]:
     return tuple(ids[p] for p in parts)
 
 
-def clean_text(text: str) -> str:
-    """CLIP's text normalisation: fix mojibake (ftfy), unescape HTML twice, collapse whitespace, lower."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+def clean_text(text: str, cleaning: str = "hf") -> str:
+    """The text normalisation of the tower's tokenizer. "hf" (transformers CLIPTokenizer with ftfy, as A1111's
+    SD 1.x CLIP-L): ftfy.fix_text, whitespace runs to one space, lower case. "openclip" (open_clip's
+    `_clean_lower`, as A1111's OpenCLIP towers): ftfy.fix_text, HTML unescaped twice, whitespace, lower case.
+    ftfy itself unescapes entities unless the text holds a "<", so the two differ on text like "a <b> &amp; c"."""
+    if cleaning not in CLEANINGS:
+        raise ValueError(f"unknown text cleaning {cleaning!r}: expected one of {', '.join(CLEANINGS)}")
+    text = ftfy.fix_text(text)
+    if cleaning == "openclip":
+        text = html.unescape(html.unescape(text))
     return " ".join(text.split()).lower()
 
 
-def encode(text: str) -> list[int]:
-    """BPE token ids of `text`, without SOT/EOT. An empty or blank text gives []."""
+def encode(text: str, cleaning: str = "hf") -> list[int]:
+    """BPE token ids of `text`, without SOT/EOT, cleaned as `cleaning` says. An empty or blank text gives []."""
     _, _, byte_chars = _tables()
     out: list[int] = []
-    for piece in _SPLIT.findall(clean_text(text)):
+    for piece in _SPLIT.findall(clean_text(text, cleaning)):
         out.extend(_bpe_word("".join(byte_chars[b] for b in piece.encode("utf-8"))))
     return out
 
 
-def tokenize(text: str, pad_token: int) -> torch.Tensor:
+def tokenize(text: str, pad_token: int, cleaning: str = "hf") -> torch.Tensor:
     """Plain (unweighted, no syntax) tokenization into one sequence: SOT, tokens (truncated to 75), EOT,
     then `pad_token` up to 77. Returns (77,) long."""
-    body = encode(text)[:CHUNK_TOKENS]
+    body = encode(text, cleaning)[:CHUNK_TOKENS]
     seq = [SOT] + body + [EOT] + [pad_token] * (CHUNK_TOKENS - len(body))
     return torch.tensor(seq, dtype=torch.long)
 
@@ -222,35 +238,86 @@ def _to_float(s: str) -> float | None:
         return None
 
 
-def tokenize_weighted(text: str, pad_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize a prompt with weights into 77-token chunks.
+# special(ids, i) -> None, or (tokens consumed, vectors (n, width)): an embedding named at ids[i:] (sd.embeddings)
+Special = Callable[[list[int], int], "tuple[int, torch.Tensor] | None"]
 
-    Each fragment of parse_prompt_attention is tokenized on its own; its tokens carry its weight. Chunks
-    hold 75 prompt tokens (a chunk is closed when a 76th arrives, or at BREAK), wrapped as SOT, tokens,
-    EOT, then `pad_token` to 77. SOT, EOT and padding have weight 1.0. An empty prompt is one chunk.
-    Returns tokens (n_chunks, 77) long and weights (n_chunks, 77) float32.
+
+def tokenize_chunks(text: str, pad_token: int, cleaning: str = "hf", special: Special | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+    """Tokenize a prompt with weights into 77-token chunks, A1111's `tokenize_line`.
+
+    Each fragment of parse_prompt_attention is tokenized on its own; its tokens carry its weight. A chunk holds
+    75 prompt tokens: when a (non-comma) token arrives at a full chunk and the chunk's last comma is at most
+    COMMA_BACKTRACK (20) tokens back, the chunk ends after the comma and the tokens after it move to the next
+    chunk (padded: the moved tokens' slots become padding); otherwise the chunk is closed where it is. BREAK
+    closes the chunk. Chunks are SOT, tokens, EOT, then `pad_token` to 77; SOT, EOT and padding weigh 1.0. An
+    empty prompt is one chunk. `special` finds embeddings: their n vectors take n placeholder slots (token 0) in
+    one chunk (a chunk without room for them is closed first).
+    Returns tokens (n_chunks, 77) long, weights (n_chunks, 77) float32, fixes [(chunk, position, vectors)].
     """
     chunks_t: list[list[int]] = []
     chunks_w: list[list[float]] = []
+    fixes: list[tuple[int, int, torch.Tensor]] = []
     cur_t: list[int] = []
     cur_w: list[float] = []
+    cur_fix: list[tuple[int, torch.Tensor]] = []   # (offset in the chunk, vectors)
+    last_comma = -1
 
     def close() -> None:
+        nonlocal last_comma
         fill = CHUNK_TOKENS - len(cur_t)
+        fixes.extend((len(chunks_t), 1 + off, vec) for off, vec in cur_fix)   # +1: after SOT
         chunks_t.append([SOT] + cur_t + [EOT] + [pad_token] * fill)
         chunks_w.append([1.0] + cur_w + [1.0] + [1.0] * fill)
         cur_t.clear()
         cur_w.clear()
+        cur_fix.clear()
+        last_comma = -1
+
+    def backtrack() -> None:
+        """End the full chunk after its last comma; what follows the comma opens the next chunk."""
+        cut = last_comma + 1
+        moved = (cur_t[cut:], cur_w[cut:], [(o - cut, v) for o, v in cur_fix if o >= cut])
+        del cur_t[cut:], cur_w[cut:]
+        cur_fix[:] = [(o, v) for o, v in cur_fix if o < cut]
+        close()
+        cur_t.extend(moved[0])
+        cur_w.extend(moved[1])
+        cur_fix.extend(moved[2])
 
     for frag, weight in parse_prompt_attention(text):
         if weight == BREAK_WEIGHT and frag == "BREAK":
             close()
             continue
-        for tok in encode(frag):
+        ids = encode(frag, cleaning)
+        i = 0
+        while i < len(ids):
+            if ids[i] == COMMA:
+                last_comma = len(cur_t)
+            elif len(cur_t) == CHUNK_TOKENS and last_comma != -1 and len(cur_t) - last_comma <= COMMA_BACKTRACK:
+                backtrack()
             if len(cur_t) == CHUNK_TOKENS:
                 close()
-            cur_t.append(tok)
-            cur_w.append(weight)
+            hit = special(ids, i) if special is not None else None
+            if hit is None:
+                cur_t.append(ids[i])
+                cur_w.append(weight)
+                i += 1
+                continue
+            consumed, vec = hit
+            n = vec.shape[0]
+            if len(cur_t) + n > CHUNK_TOKENS:                              # does not fit: pad, next chunk
+                close()
+            cur_fix.append((len(cur_t), vec))
+            cur_t.extend([0] * n)
+            cur_w.extend([weight] * n)
+            i += consumed
     if cur_t or not chunks_t:
         close()
-    return torch.tensor(chunks_t, dtype=torch.long), torch.tensor(chunks_w, dtype=torch.float32)
+    return torch.tensor(chunks_t, dtype=torch.long), torch.tensor(chunks_w, dtype=torch.float32), fixes
+
+
+def tokenize_weighted(text: str, pad_token: int, cleaning: str = "hf") -> tuple[torch.Tensor, torch.Tensor]:
+    """tokenize_chunks without embeddings: tokens (n_chunks, 77) long and weights (n_chunks, 77) float32."""
+    tokens, weights, _ = tokenize_chunks(text, pad_token, cleaning)
+    return tokens, weights

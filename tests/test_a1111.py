@@ -21,7 +21,8 @@ MS = discrete_sigmas()  # (1000,) SD training sigmas
 
 
 def test_img2img_steps_strength_075_of_20():
-    """t_enc = int(min(0.75, 0.999) * 20) = 15: 16 steps from sigmas[20 - 15 - 1] = sigmas[4] of the 20-step schedule."""
+    """t_enc = int(min(0.75, 0.999) * 20) = 15: 16 steps from sigmas[20 - 15 - 1] = sigmas[4] of the 20-step
+    schedule."""
     assert img2img_steps(20, 0.75) == (20, 15)
     sigmas = get_sigmas("karras", MS, 20)
     sched = img2img_start(sigmas, 0.75)
@@ -34,7 +35,8 @@ def test_img2img_steps_strength_075_of_20():
 
 
 def test_img2img_steps_fixed_branch():
-    """A1111's "exact steps" option and the hires second pass: int(steps / min(s, 0.999)) schedule steps, t_enc steps-1."""
+    """A1111's "exact steps" option and the hires second pass: int(steps / min(s, 0.999)) schedule steps,
+    t_enc = steps - 1."""
     assert img2img_steps(10, 0.5, fixed=True) == (20, 9)       # 10 steps from sigmas[20 - 9 - 1] = sigmas[10]
     assert img2img_steps(10, 0.7, fixed=True) == (14, 9)       # int(14.2857)
     assert img2img_steps(10, 1.0, fixed=True) == (10, 9)       # int(10 / 0.999) = 10
@@ -200,3 +202,104 @@ def test_png_info_guesses_the_tab_from_the_models_folder(client, tiny_files, tmp
     assert "**SDXL**" in hint
     _, s, hint = client.predict(png(base + "Schedule type: Karras Exponential, Model: sdxl"), api_name="/png_info")
     assert "warning: schedule type 'Karras Exponential' is not available here" in hint
+
+
+# ---------------------------------------------------------------------------------------------- prompt chunks
+
+
+WORDS = ["red", "blue", "green", "cat", "dog", "tree", "house", "car", "sky", "sun", "moon", "star", "fish", "bird",
+         "rain", "snow", "wind", "fire", "water", "stone", "gold", "silver", "night", "day", "city"]
+
+
+def _tag_prompt(n_short: int, long_words: int) -> tuple[str, list[int]]:
+    """n_short tags "w1 w2," (3 tokens each) then one tag of `long_words` single-token words; (prompt, token ids)."""
+    from sd.tokenizer import encode
+
+    assert all(len(encode(w)) == 1 for w in WORDS)
+    tags = [f"{WORDS[i % 25]} {WORDS[(i + 7) % 25]}" for i in range(n_short)]
+    prompt = ", ".join(tags) + ", " + " ".join(WORDS[:long_words])
+    return prompt, encode(prompt)
+
+
+def test_79_token_tag_prompt_breaks_at_the_last_comma():
+    """20 tags of 3 tokens (the 20th comma is token 59) + a 19-token tag = 79 tokens. Token 75 arrives at a full
+    chunk whose last comma is 75 - 59 = 16 <= 20 back: chunk 1 ends after the comma (60 tokens + 15 padding), chunk 2
+    holds the 19 tokens of the long tag (a plain 75-token cut would have split it 15 + 4)."""
+    from sd.tokenizer import COMMA, EOT, SOT, tokenize_weighted
+
+    prompt, ids = _tag_prompt(20, 19)
+    assert len(ids) == 79 and ids[59] == COMMA and COMMA not in ids[60:]
+    tokens, weights = tokenize_weighted(prompt, EOT)
+    assert tokens.shape == (2, 77) and weights.shape == (2, 77) and bool((weights == 1).all())
+    assert tokens[0, :61].tolist() == [SOT] + ids[:60] and tokens[0, 61:].tolist() == [EOT] * 16
+    assert tokens[1, :20].tolist() == [SOT] + ids[60:] and tokens[1, 20:].tolist() == [EOT] * 57
+    tokens0, _ = tokenize_weighted(prompt, 0)                   # OpenCLIP padding: EOT once, then 0
+    assert tokens0[0, 61:].tolist() == [EOT] + [0] * 15
+
+
+def test_comma_further_than_20_tokens_back_is_a_plain_cut():
+    """18 tags (last comma token 53) + a 25-token tag = 79 tokens: 75 - 53 = 22 > 20, so the chunk is cut at 75."""
+    from sd.tokenizer import COMMA, EOT, SOT, tokenize_weighted
+
+    prompt, ids = _tag_prompt(18, 25)
+    assert len(ids) == 79 and ids[53] == COMMA and COMMA not in ids[54:]
+    tokens, _ = tokenize_weighted(prompt, EOT)
+    assert tokens[0].tolist() == [SOT] + ids[:75] + [EOT] and tokens[1, :6].tolist() == [SOT] + ids[75:] + [EOT]
+
+
+def test_break_starts_a_new_chunk_and_weights_move_with_their_tokens():
+    from sd.tokenizer import EOT, SOT, encode, tokenize_weighted
+
+    tokens, weights = tokenize_weighted("a cat BREAK (a dog:1.5)", EOT)
+    assert tokens.shape == (2, 77)
+    assert tokens[0, :4].tolist() == [SOT, *encode("a cat"), EOT] and tokens[1, :4].tolist() == [SOT, *encode("a dog"),
+                                                                                                    EOT]
+    assert weights[1, 1:3].tolist() == [1.5, 1.5] and float(weights[0, 1:3].sum()) == 2.0
+    prompt, ids = _tag_prompt(20, 19)                            # the moved tokens keep their weights
+    _, w = tokenize_weighted(prompt.replace(", " + " ".join(WORDS[:19]), ", (" + " ".join(WORDS[:19]) + ":1.2)"), EOT)
+    assert w[0, 1:61].tolist() == [1.0] * 60 and w[1, 1:20].tolist() == pytest.approx([1.2] * 19)
+
+
+# ---------------------------------------------------------------------------------------------- text cleaning
+
+
+TEXTS = ["fish &amp; chips", "tom  &  jerry\t\n  x", "cafÃ© au lait", "x&lt;y &amp;amp; z", "Ｆｕｌｌ width, naïve",
+         "a <b> &amp; c"]
+
+
+def test_clip_l_cleans_as_hf_clip_tokenizer(tmp_path):
+    """SD 1.x CLIP-L: transformers' CLIPTokenizer with ftfy (A1111's), no HTML unescape. The reference tokenizer is
+    built offline from the same BPE vocabulary; transformers 5 leaves ftfy out, so it gets ftfy.fix_text first."""
+    import json
+
+    import ftfy
+    from transformers import CLIPTokenizer
+
+    from sd.tokenizer import _tables, encode
+
+    ids, ranks, _ = _tables()
+    (tmp_path / "vocab.json").write_text(json.dumps(ids))
+    merges = sorted(ranks, key=ranks.get)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
+    hf = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    for text in TEXTS:
+        assert encode(text, "hf") == hf(ftfy.fix_text(text), add_special_tokens=False)["input_ids"], text
+    # ftfy unescapes entities itself unless the text has a "<" (looks like HTML); then CLIP-L keeps "&amp;" as text
+    assert encode("a <b> &amp; c", "hf") == [320, 283, 321, 285, 261, 6259, 282, 322]   # ..., "&", "amp", ";", "c"
+    assert encode("cafÃ© au lait", "hf") == encode("café au lait", "hf") != hf("cafÃ© au lait",
+                                                                               add_special_tokens=False)["input_ids"]
+
+
+def test_openclip_cleans_as_open_clip():
+    """SD 2.x / SDXL bigG: open_clip's tokenizer (ftfy, HTML unescaped twice, whitespace, lower case)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from sd.text import clip_l_config, openclip_bigg_config, openclip_h_config, text_cleaning
+    from sd.tokenizer import encode
+
+    ref = SimpleTokenizer()
+    for text in TEXTS:
+        assert encode(text, "openclip") == ref.encode(text), text
+    assert encode("a <b> &amp; c", "openclip") == [320, 283, 321, 285, 261, 322]      # html.unescape: "&"
+    assert [text_cleaning(c("p.")) for c in (clip_l_config, openclip_h_config, openclip_bigg_config)] == [
+        "hf", "openclip", "openclip"]

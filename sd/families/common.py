@@ -34,6 +34,10 @@ def encode_text(encoders, spec: ModelSpec, text: str, clip_skip: int) -> tuple[T
         hiddens.append(h)
         if cfg.output_pooled:
             pooled = p
+    if len({h.shape[1] for h in hiddens}) > 1:   # each tower cleans text as its own tokenizer (sd.tokenizer)
+        raise ValueError(f"the prompt makes {' and '.join(str(h.shape[1] // 77) for h in hiddens)} chunks of 75 tokens "
+                         "in this model's text towers (their tokenizers read HTML entities such as &amp; differently "
+                         "in text with a '<'): write the character itself or shorten the prompt")
     return torch.cat(hiddens, dim=-1), pooled
 
 

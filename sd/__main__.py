@@ -145,7 +145,7 @@ def _preset_defaults(args: argparse.Namespace, model, path, inputs: dict) -> dic
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inpaint import load_image
-    from .pipeline import GenerateParams, default_size, generate, load_model
+    from .pipeline import GenerateParams, default_size, generate, image_seeds, load_model
 
     hires = _hires(args)   # refused before anything loads
     prompt, negative = args.prompt, args.negative_prompt
@@ -246,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         save_maps(maps, result.images[0], args.attention_maps)
     print(json.dumps({"images": paths, "family": model.spec.family, "prediction": model.spec.prediction,
-                      "seed": args.seed, "steps": args.steps}))
+                      "seed": args.seed, "seeds": image_seeds(params), "steps": args.steps}))   # image i: seed + i
     return 0
 
 

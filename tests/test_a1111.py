@@ -303,3 +303,26 @@ def test_openclip_cleans_as_open_clip():
     assert encode("a <b> &amp; c", "openclip") == [320, 283, 321, 285, 261, 322]      # html.unescape: "&"
     assert [text_cleaning(c("p.")) for c in (clip_l_config, openclip_h_config, openclip_bigg_config)] == [
         "hf", "openclip", "openclip"]
+
+
+def test_cli_batch_seeds_and_an_unknown_schedule(tiny_files, tmp_path, capsys, sd1):
+    """`python -m sd generate --batch-size 2`: images of seeds s and s + 1 (image 1 = a run of seed s + 1 alone within
+    one pixel level); an A1111 label we lack is one line on stderr and exit status 2."""
+    import json
+
+    from PIL import Image
+
+    from sd.__main__ import main
+    from sd.pipeline import GenerateParams, generate
+
+    args = ["generate", "--checkpoint", str(tiny_files("sd1")), "--prompt", "a cat", "--steps", "2", "--width", "64",
+            "--height", "64", "--seed", "5", "--schedule", "Automatic", "--sampler", "dpm_2"]
+    assert main([*args, "--batch-size", "2", "--out", str(tmp_path / "x.png")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["seeds"] == [5, 6]
+    alone = generate(sd1, GenerateParams(prompt="a cat", steps=2, width=64, height=64, seed=6, schedule="automatic",
+                                         sampler="dpm_2"))
+    diff = np.abs(np.asarray(Image.open(out["images"][1])).astype(int) - np.asarray(alone.images[0]))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert main([*args[:-4], "--schedule", "Karras Exponential", "--out", str(tmp_path / "y.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: unknown schedule type 'Karras Exponential'")

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError, ignore_reason
+from .checkpoint import Checkpoint, CheckpointError, ignore_reason, open_checkpoint
 from .config import ModelSpec
 from .denoiser import discrete_sigmas, sigmas_from_betas
 from .families import Family, get_family, unsupported_parts
 from .families.shapes import UNET, VAE
 from .mmdit import MMDiT
 from .text import build_text_encoder, expected_keys as text_expected_keys, load_text_encoder_weights
+from .text_encoders import Resident
 from .unet import UNetModel
 from .vae import AutoencoderKL
 from .vq import build_first_stage
@@ -168,18 +169,54 @@ def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float
                  spec.network.upper(), device, dtype)
 
 
+def _fresh(ckpt: Checkpoint) -> Checkpoint:
+    """A new handle on a .safetensors file: its own mmap, unmapped once the last tensor read through it is freed (so a
+    dropped part gives its pages back); a .ckpt's tensors are in memory already: the same object."""
+    return open_checkpoint(ckpt.path) if ckpt._tensors is None else ckpt
+
+
+def _text_tower(ckpt: Checkpoint, cfg, device, dtype, meta: bool = False) -> nn.Module:
+    """One text tower with the file's tensors. Built in `dtype` on the meta device, so the file's float16 tensors
+    become float16 weights as they are (the mmap'd tensors themselves) or bfloat16 ones in one cast, with no float32
+    copy in between. `meta`: the shapes only, nothing read (a low-memory tower before its first use)."""
+    enc = build_text_encoder(cfg, device="meta", dtype=dtype)
+    if not meta:
+        load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
+    return enc.to(device="meta" if meta else device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _first_stage(ckpt: Checkpoint, spec: ModelSpec, device, dtype, meta: bool = False) -> nn.Module:
+    """The VAE / VQ first stage with the file's tensors (`meta`: shapes only)."""
+    module = build_first_stage(spec.vae, device="meta")
+    if meta:
+        return module.to(dtype=dtype).eval().requires_grad_(False)
+    tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
+    return _load(module, tensors, "VAE", device, dtype)
+
+
+def _dropped(build) -> nn.Module:
+    """A low-memory part: checked on the meta device now, loaded from a fresh handle on the file for each use and
+    dropped after (`sd.text_encoders.Resident`, the mechanism SD3's text towers use)."""
+    module = build(meta=True)
+    module.resident = Resident(module, lambda: build(meta=False), keep=False)
+    return module
+
+
 def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float32,
-                    sources=None) -> Components:
+                    sources=None, low_memory: bool = False) -> Components:
     """Build every model of `spec` on the meta device and load the file's tensors into it (strict). A family with
     its own `text_parts` (SD3) loads its text towers itself, from the file or separate files (`sources`: an
-    sd.text_encoders.TextSources, the CLI's --text-encoders / --t5-tokenizer / --no-t5)."""
+    sd.text_encoders.TextSources, the CLI's --text-encoders / --t5-tokenizer / --no-t5). `low_memory`: the text
+    towers and the first stage hold no weights between uses (`_dropped`); only the UNet stays."""
     rep = account_keys(ckpt.shapes(), spec)
     check_report(rep, ckpt.path.name)
     unet = load_unet(ckpt, spec, device, dtype)
     vae = None
     if spec.vae is not None:
-        vae_tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
-        vae = _load(build_first_stage(spec.vae, device="meta"), vae_tensors, "VAE", device, dtype)
+        if low_memory:
+            vae = _dropped(lambda meta: _first_stage(_fresh(ckpt), spec, device, dtype, meta))
+        else:
+            vae = _first_stage(ckpt, spec, device, dtype)
     texts, notes = [], ()
     fam = _family_of(spec)
     if fam is not None and fam.unet_ema and ema_unet_names(ckpt):   # said with every result
@@ -189,9 +226,10 @@ def load_components(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch
         texts, notes = list(got.modules), (*notes, *got.notes)
     else:
         for cfg in spec.text_encoders:
-            enc = build_text_encoder(cfg, device="meta")
-            load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
-            texts.append(enc.to(device=device, dtype=dtype).eval().requires_grad_(False))
+            if low_memory:
+                texts.append(_dropped(lambda meta, cfg=cfg: _text_tower(_fresh(ckpt), cfg, device, dtype, meta)))
+            else:
+                texts.append(_text_tower(ckpt, cfg, device, dtype))
     extras = fam.extras(ckpt, spec, device, dtype) if fam is not None and fam.extras is not None else {}
     return Components(unet, vae, texts, extras, notes)
 

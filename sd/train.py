@@ -242,7 +242,8 @@ def train_vae(args) -> int:
         torch.set_rng_state(state["rng"])
         print(f"resuming VAE training at step {start}", file=sys.stderr)
     progress = Progress(args.steps, start, args.batch)
-    for step in range(start, args.steps):
+    end = min(args.steps, args.stop_at or args.steps)
+    for step in range(start, end):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         full = step >= int(args.full_from * args.steps)  # last steps: whole 64x64 images
@@ -262,7 +263,7 @@ def train_vae(args) -> int:
         opt.step()
         ema_update(ema, model, ema_decay(step, args.ema))
         progress.update(step, loss.item())
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
             save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                        step=step + 1, rng=torch.get_rng_state())
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "vae.safetensors"))
@@ -365,7 +366,8 @@ def train_unet(args) -> int:
     abar = 1 / (sigmas**2 + 1)  # (1000,) alphas_cumprod
     progress = Progress(args.steps, start, args.batch)
     n = len(tokens)
-    for step in range(start, args.steps):
+    end = min(args.steps, args.stop_at or args.steps)
+    for step in range(start, end):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         idx = torch.randint(0, n, (args.batch,))
@@ -390,7 +392,7 @@ def train_unet(args) -> int:
         decay = ema_decay(step, args.ema)
         ema_update(ema_unet, unet, decay), ema_update(ema_text, text, decay)
         progress.update(step, loss.item())
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
             save_state(out / "state.pt", unet=unet.state_dict(), text=text.state_dict(),
                        ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(), opt=opt.state_dict(),
                        step=step + 1, rng=torch.get_rng_state(), scale=scale)
@@ -462,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--warmup", type=int, default=warmup)
         sp.add_argument("--ema", type=float, default=ema, help="EMA decay (warmed up)")
         sp.add_argument("--save-every", type=int, default=save_every)
+        sp.add_argument("--stop-at", type=int, default=0, metavar="N",
+                        help="end this run after step N (the lr schedule stays that of --steps); 0 = at --steps")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--threads", type=int, default=1,

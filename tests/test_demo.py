@@ -291,6 +291,13 @@ def test_training_saves_state_and_resumes_from_it(tmp_path, monkeypatch, capsys)
     a, b = load_file(tmp_path / "straight" / "vae.safetensors"), load_file(tmp_path / "resumed" / "vae.safetensors")
     assert a.keys() == b.keys() and len(a) > 100
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --stop-at 1 ends a run of the 2-step schedule after step 1 (state saved, weights written); the rerun
+    # without it finishes the same schedule: bit-identical again
+    assert train.main(vae_args + ["--out", str(tmp_path / "stopped"), "--stop-at", "1"]) == 0
+    assert torch.load(tmp_path / "stopped" / "state.pt", weights_only=True)["step"] == 1
+    assert train.main(vae_args + ["--out", str(tmp_path / "stopped")]) == 0
+    c = load_file(tmp_path / "stopped" / "vae.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
     vae = tmp_path / "straight" / "vae.safetensors"
     unet_args = ["unet", "--vae", str(vae), "--images", "4", "--batch", "2", "--save-every", "1", "--warmup", "1",

@@ -16,10 +16,11 @@ run() {  # run NAME ARGS...: python -m sd train ARGS, log in $T/NAME.log, CPU an
   /usr/bin/time -a -o "$T/times.txt" -f "$name: %U s user + %S s system CPU, %e s wall" \
     "$PY" -m sd train "$@" --threads 1 >>"$T/$name.log" 2>&1
 }
-run vae vae --out "$T/vae" --steps 300 --batch 8 --full-from 0.5 --color-weight 4 --fg-weight 3
-run unet unet --vae "$T/vae/vae.safetensors" --out "$T/unet" --images 6000 --batch 32 --steps 2400 &
+run vae vae --out "$T/vae" --steps 300 --stop-at 250 --batch 8 --full-from 0.5 \
+  --color-weight 4 --fg-weight 3
+run unet unet --vae "$T/vae/vae.safetensors" --out "$T/unet" --images 6000 --batch 32 --steps 1500 &
 unet=$!
-run decoder vae --out "$T/decoder" --decoder-only "$T/vae/vae.safetensors" --steps 600 --batch 8 --full-from 0 \
+run decoder vae --out "$T/decoder" --decoder-only "$T/vae/vae.safetensors" --steps 400 --batch 8 --full-from 0 \
   --color-weight 4 --fg-weight 3 &
 decoder=$!
 wait "$unet"

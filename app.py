@@ -53,7 +53,8 @@ NO_REFINER = "None"
 TAB_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "inpaint": "Inpaint", "depth": "Depth to image",
              "upscale": "x4 upscaler", "unclip": "unCLIP", "sd3": "SD3 / 3.5", "ldm": "VQ-GAN / LDM"}
 SAMPLER_OF_DISPLAY = {v: k for k, v in DISPLAY_NAMES.items()}
-SCHEDULE_OF_DISPLAY = {v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
+SCHEDULE_OF_DISPLAY = {"Automatic": "automatic",   # A1111's: the sampler's default (sd.samplers.resolve_schedule)
+                       **{v: k for k, v in SCHEDULE_DISPLAY_NAMES.items()}}
 COMMON_INPUTS = ("checkpoint", "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg", "seed", "width",
                  "height", "batch_size", "batch_count", "vae")
 IMG2IMG_INPUTS = ("init_image", "strength")      # tabs whose families take no "image" input of their own
@@ -666,7 +667,7 @@ def build_generate_tab(ctx: AppContext, tab: str, entries: list[Entry]) -> dict:
             with gr.Row():
                 c["sampler"] = gr.Dropdown(list(DISPLAY_NAMES.values()), label="Sampler", elem_id=f"{tab}-sampler",
                                            value=DISPLAY_NAMES.get(get("sampler"), get("sampler")))
-                c["schedule"] = gr.Dropdown(list(SCHEDULE_DISPLAY_NAMES.values()), label="Schedule type",
+                c["schedule"] = gr.Dropdown(list(SCHEDULE_OF_DISPLAY), label="Schedule type",
                                             elem_id=f"{tab}-schedule",
                                             value=SCHEDULE_DISPLAY_NAMES.get(get("schedule"), get("schedule")))
             with gr.Row():

@@ -130,8 +130,11 @@ def schedule_data(ctx, value, schedule, steps, sampler, strength=None, values: d
         fam, training = _training_of(ctx, value)
         given = {k: v for k, v in (values or {}).items() if v is not None}
         inputs = {i.name: given.get(i.name, i.default) for i in fam.inputs if i.kind == "number"}
-        return schedule_frame(fam, training, int(steps), a.SCHEDULE_OF_DISPLAY.get(schedule, schedule),
-                              a.SAMPLER_OF_DISPLAY.get(sampler, sampler), inputs,
+        from sd.samplers import resolve_schedule   # "Automatic": the sampler's A1111 default is the chosen curve
+
+        key = a.SAMPLER_OF_DISPLAY.get(sampler, sampler)
+        return schedule_frame(fam, training, int(steps), resolve_schedule(a.SCHEDULE_OF_DISPLAY.get(schedule, schedule),
+                                                                          key), key, inputs,
                               float(strength) if strength is not None else None)
     except a.USER_ERRORS:
         return None

@@ -326,3 +326,37 @@ def test_cli_batch_seeds_and_an_unknown_schedule(tiny_files, tmp_path, capsys, s
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert main([*args[:-4], "--schedule", "Karras Exponential", "--out", str(tmp_path / "y.png")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: unknown schedule type 'Karras Exponential'")
+
+
+def test_app_automatic_schedule_and_batch_infotext(client):
+    """The tab's "Automatic" runs the sampler's A1111 default and the infotext names it; a batch of 2 saves seeds
+    s and s + 1, each image's infotext its own seed."""
+    from PIL import Image
+
+    from sd.pnginfo import parse_parameters
+
+    r = client.predict(checkpoint="sd1.safetensors", prompt="a cat", sampler="DPM++ 2M", schedule="Automatic", steps=2,
+                       seed=40, width=64, height=64, batch_size=2, batch_count=1, api_name="/generate_sd1")
+    texts = [parse_parameters(Image.open(i["image"]).info["parameters"]) for i in r[0]]
+    assert [(t["Seed"], t["Schedule type"], t["Batch size"]) for t in texts] == [("40", "Karras", "2"),
+                                                                               ("41", "Karras", "2")]
+    assert all("Batch pos" not in t for t in texts) and [i["caption"] for i in r[0]] == ["seed 40", "seed 41"]
+
+
+def test_embedding_moved_by_the_comma_backtrack_keeps_its_vectors():
+    """An embedding (2 vectors, named by the word "ocean") after the last comma moves to the next chunk with the
+    tokens around it; its fix points at its new position there."""
+    from sd.tokenizer import EOT, encode, tokenize_chunks
+
+    (ocean,) = encode("ocean")
+    vec = torch.arange(6.0).reshape(2, 3)
+
+    def special(ids, i):
+        return (1, vec) if ids[i] == ocean else None
+
+    prompt, ids = _tag_prompt(20, 19)
+    prompt, ids = prompt + " ocean", ids + [ocean]          # tokens 0..59 tags, 60..78 the long tag, 79 the embedding
+    tokens, weights, fixes = tokenize_chunks(prompt, EOT, special=special)
+    assert tokens.shape == (2, 77) and tokens[0, 61] == EOT             # chunk 1 ends after the comma (token 59)
+    assert len(fixes) == 1 and fixes[0][:2] == (1, 1 + 19) and torch.equal(fixes[0][2], vec)
+    assert tokens[1, 20:22].tolist() == [0, 0] and tokens[1, 22] == EOT   # 19 words + 2 placeholder slots

@@ -45,6 +45,7 @@ import app_extras  # hires fix, clip skip, styles, the extra-networks picker (is
 import app_inspect  # trajectory, schedules plot, checkpoint card (issue 13)
 import app_attention  # cross-attention maps of a run (issue 13)
 import app_grid  # the X/Y/Z comparison grid tab (issue 13)
+from sd import perf  # --low-memory, --threads (issue 14)
 import app_sd3  # the Preset picker of the SD3 / 3.5 tab (variants shapes cannot tell apart: turbo)
 
 DEMO_LABEL = "Demo (built in)"
@@ -1095,6 +1096,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-upload-mb", type=float, default=32, help="largest file a client may upload")
     app_extras.add_flags(ap)
     app_sd3.add_flags(ap)   # --t5-device, --keep-text-encoders
+    perf.add_flags(ap)      # --low-memory, --threads (sd/perf.py)
     return ap.parse_args(argv)
 
 
@@ -1132,7 +1134,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None, sources=sources)
+    try:
+        perf.apply_threads(args.threads)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = ModelCache(int(args.cache_gb * 2**30) if args.cache_gb else None, sources=sources,
+                       low_memory=args.low_memory)
     demo = build_app(args.models_dir, args.device, args.dtype, cache=cache, outputs_dir=args.outputs_dir,
                      concurrency=args.concurrency, queue_size=args.queue_size, extras=app_extras.from_args(args))
     Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)

@@ -172,8 +172,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     sources = replace(sources, bert_vocab=args.bert_vocab)   # the LDM text models' BERT vocabulary (issue 11)
+    from .perf import apply_threads
+
+    apply_threads(args.threads)
     model = load_model(path, device=args.device, dtype=args.dtype, prediction=args.prediction, sources=sources,
-                       vae=_vae_file(args.vae, path))
+                       vae=_vae_file(args.vae, path), low_memory=args.low_memory)
     inputs = _request_inputs(args, model.family)
     if not model.family.text and (args.prompt or args.negative_prompt):
         print(f"warning: a {model.family.label} checkpoint takes no prompt; --prompt/--negative-prompt are ignored",
@@ -290,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=1)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    from . import perf
+
+    perf.add_flags(g)   # --low-memory, --threads (sd/perf.py, issue 14)
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the detected prediction type")
     g.add_argument("--text-encoders", default=None, metavar="DIR",
                    help="SD3/3.5: folder with clip_l / clip_g / t5xxl_*.safetensors (searched first; default: "

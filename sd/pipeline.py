@@ -14,6 +14,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,7 @@ class LoadedModel:
     _hash: str | None = None
     sigmas_source: str = ""  # the file's betas / denoiser.sigmas, or the family's own schedule
     vae_file: Path | None = None  # an external VAE replacing the checkpoint's (sd.vae_choice); None: its own
+    low_memory: bool = False      # text towers and VAE loaded per use and dropped (sd.loader._dropped); tiled decode
 
     @property
     def family(self) -> Family:
@@ -81,17 +83,19 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
-               prediction: str | None = None, sources=None, vae: str | os.PathLike | None = None) -> LoadedModel:
+               prediction: str | None = None, sources=None, vae: str | os.PathLike | None = None,
+               low_memory: bool = False) -> LoadedModel:
     """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason. `sources`
     (sd.text_encoders.TextSources): where separate text-encoder files are (SD3.5), T5 on/off; the notes of what was
-    used go to spec.notes (shown with every result)."""
+    used go to spec.notes (shown with every result). `low_memory` (--low-memory): only the UNet stays loaded; the
+    text towers and the VAE are read from the file for each use and dropped after, and the decode runs in tiles."""
     ckpt = open_checkpoint(path)
     spec = detect(ckpt.shapes(), prediction=prediction)
     if get_family(spec.family).latent_from_file is not None:   # a latent scale stored in the file (LDM scale_factor)
         latent, note = get_family(spec.family).latent_from_file(ckpt, spec.latent)
         spec = replace(spec, latent=latent, notes=(*spec.notes, note) if note else spec.notes)
     device, dtype = torch.device(device), parse_dtype(dtype)
-    parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources)
+    parts = load_components(ckpt, spec, device=device, dtype=dtype, sources=sources, low_memory=low_memory)
     if vae is None and spec.vae is None:   # a file without a VAE (SD3.5 MMDiT-only): one from a vae/ folder
         from .vae_choice import find_vae
 
@@ -112,7 +116,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                        prediction_source=f"A1111 probe on the UNet ({'v' if is_v else 'eps'}-like output at t=999)")
     sigmas, source = training_sigmas(ckpt, get_family(spec.family))
     return LoadedModel(Path(path), spec, parts, sigmas, device, dtype, sigmas_source=source,
-                       vae_file=Path(vae) if vae is not None else None)
+                       vae_file=Path(vae) if vae is not None else None, low_memory=low_memory)
+
+
+@contextmanager
+def loaded(*modules):
+    """`with loaded(vae, *towers):` each module with its weights for the block: a low-memory part
+    (sd.text_encoders.Resident) is read from the file on entry and dropped when its last user leaves; any other
+    module (None skipped) is used as it is."""
+    from .text_encoders import use
+
+    with ExitStack() as stack:
+        for m in modules:
+            if m is not None:
+                stack.enter_context(use(m))
+        yield
 
 
 @dataclass
@@ -209,7 +227,8 @@ def encode_image(model: LoadedModel, image: Image.Image, width: int, height: int
     """PIL image -> diffusion-scale latent (1, C, h, w): resize, [-1, 1], VAE mean, (z - shift) * scale."""
     img = image.convert("RGB").resize((width, height), Image.LANCZOS)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    z = model.parts.vae.encode(x.to(model.device, model.dtype)).float()
+    with loaded(model.parts.vae):
+        z = model.parts.vae.encode(x.to(model.device, model.dtype)).float()
     return (z - model.spec.latent.shift) * model.spec.latent.scale
 
 
@@ -252,10 +271,15 @@ def decode_latents_info(model: LoadedModel, latents: Tensor) -> tuple[list[Image
     z = latents.float() / model.spec.latent.scale + model.spec.latent.shift
     notes: list[str] = []
     vae = model.parts.vae
-    with torch.no_grad():
-        x = _decode_or_tiles(vae, z.to(model.device, model.dtype), notes)
+    with torch.no_grad(), loaded(vae):
+        if model.low_memory:   # ComfyUI's tiled decode: one tile's activations at a time (exact for one tile)
+            from .vae import decode_tiled
+
+            x = decode_tiled(vae, z.to(model.device, model.dtype), tile=TILE, overlap=TILE_OVERLAP)
+        else:
+            x = _decode_or_tiles(vae, z.to(model.device, model.dtype), notes)
         if not torch.isfinite(x).all() and model.dtype != torch.float32:
-            vae32 = copy.deepcopy(vae).float()
+            vae32 = copy.deepcopy(vae, {id(getattr(vae, "resident", None)): None}).float()   # the copy: no Resident
             x = _decode_or_tiles(vae32, z.to(model.device, torch.float32), notes)
             del vae32
             notes.append(f"NaN in the {str(model.dtype).removeprefix('torch.')} VAE decode: decoded again in float32")
@@ -335,10 +359,11 @@ def guided_denoiser(model: LoadedModel, p: GenerateParams,
         raise ValueError(f"{fam.name}: {fam.unsupported or 'this family is not implemented yet'}")
     req = replace(p, inputs=request_inputs(model.spec, p))
     g = generator if generator is not None else image_generators(p)
-    if isinstance(g, (list, tuple)):
-        cond, uncond = per_image_condition(fam, model, req, list(g))
-    else:
-        cond, uncond = fam.condition(model.parts, model.spec, req, g)
+    with loaded(*model.parts.text_encoders, model.parts.vae):   # low memory: read for the conditioning only
+        if isinstance(g, (list, tuple)):
+            cond, uncond = per_image_condition(fam, model, req, list(g))
+        else:
+            cond, uncond = fam.condition(model.parts, model.spec, req, g)
     net = network_net(model)
     tile = fam.tile if p.tile is None else p.tile
     f = model.spec.latent.factor
@@ -500,7 +525,8 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     from .networks import needs_networks, run_with_networks
 
     if needs_networks(p, model):   # LoRAs, embeddings, an external VAE's infotext (sd.networks), then back here
-        return run_with_networks(generate, model, p, callback=callback, stop=stop)
+        with loaded(*model.parts.text_encoders):   # low memory: the towers stay for a run that patches them
+            return run_with_networks(generate, model, p, callback=callback, stop=stop)
     if model.parts.vae is None:   # no VAE in the file and none found beside it (sd.vae_choice.find_vae)
         from .vae_choice import missing_vae
 
@@ -536,8 +562,9 @@ class ModelCache:
     total parameter bytes pass `budget_bytes`; one lock per key so two requests for the same file load it once,
     and requests for different files load in parallel."""
 
-    def __init__(self, budget_bytes: int | None = None, sources=None):
+    def __init__(self, budget_bytes: int | None = None, sources=None, low_memory: bool = False):
         self.sources = sources   # the default TextSources of get() (the app's --t5-device / --keep-text-encoders)
+        self.low_memory = low_memory   # every model loaded in low-memory mode (the app's --low-memory)
         env = os.environ.get("SD_MODEL_CACHE_GB")
         self.budget = budget_bytes if budget_bytes is not None else int(float(env or 8) * 2**30)
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
@@ -558,7 +585,7 @@ class ModelCache:
         path = Path(path)
         resolved = str(path.resolve())
         sources = self.sources if sources is None else sources
-        same = (str(torch.device(device)), parse_dtype(dtype), prediction, sources)  # sources: TextSources (SD3)
+        same = (str(torch.device(device)), parse_dtype(dtype), prediction, sources, self.low_memory)  # sources: SD3's
         if vae is not None:   # an external VAE (sd.vae_choice): its own entry, keyed by the VAE file and its stat
             same = (*same, str(Path(vae).resolve()), *self._stat(Path(vae)))
         stat = self._stat(path)
@@ -572,7 +599,8 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = load_model(path, device=device, dtype=dtype, prediction=prediction, sources=sources, vae=vae)
+            model = load_model(path, device=device, dtype=dtype, prediction=prediction, sources=sources, vae=vae,
+                               low_memory=self.low_memory)
             changed = self._stat(path) != stat  # replaced while loading: use it once, do not cache it
             with self._lock:
                 for k in [k for k in self._models if k[0] == resolved and k[3:] == same]:

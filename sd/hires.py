@@ -9,8 +9,9 @@ denoising strength, by A1111's rule for a second pass (`setup_img2img_steps` wit
 the first pass's, the schedule is built for int(N / min(strength, 0.999)) steps and only its last N run).
 
 Seeds, as A1111's `sample_hr_pass` (a fresh `ImageRNG` over the same seeds with the upscaled shape): pass 2 draws its
-noise from a new generator seeded with the request's seed (the pipeline's convention: the family's input-side draw,
-then randn of the (B, C, h2, w2) latent), and its ancestral noise from a new seed + 1 generator, like any request.
+noise from new generators seeded with the images' seeds s + i (the pipeline's convention: the family's input-side
+draw, then randn of image i's (1, C, h2, w2) latent), and its ancestral noise from new s + i + 1 generators, like any
+request.
 So pass 2 equals `generate` on the upscaled image at the upscaled size with the strength that makes the pipeline's
 img2img run the same N steps (`tests/test_hires.py` checks it pixel for pixel).
 
@@ -30,7 +31,7 @@ from PIL import Image
 
 from .denoiser import noised
 from .pipeline import (GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents_info, encode_image,
-                       generate, guided_denoiser, sampling_sigmas, seed_generator)
+                       generate, guided_denoiser, image_generators, sampling_sigmas, step_generators)
 from .samplers import img2img_steps, sample
 
 Tensor = torch.Tensor
@@ -172,9 +173,9 @@ def generate_hires(model: LoadedModel, p: GenerateParams, h: Hires, callback: Ca
                   for img in first.images]
         z = torch.cat([encode_image(model, img, to_x, to_y) for img in images])       # (B, C, to_y/f, to_x/f)
     z = _crop(z, crop_x // f, crop_y // f)                                             # (B, C, q.height/f, q.width/f)
-    g = seed_generator(p.seed)                       # A1111: a fresh RNG over the same seed for the new shape
+    g = image_generators(q)                          # A1111: a fresh ImageRNG over the images' seeds (s + i)
     guided = guided_denoiser(model, q, generator=g)  # the family's input-side draw first, as generate does
-    noise = torch.randn(tuple(z.shape), generator=g, dtype=torch.float32)
+    noise = torch.cat([torch.randn((1, *z.shape[1:]), generator=gi, dtype=torch.float32) for gi in g])  # (B, C, h, w)
     sigmas = second_pass_sigmas(model, q, n, h.denoise)                                 # (n + 1,)
     x = noised(model.spec.prediction, z, noise, sigmas[0]).to(model.device, model.dtype)
     done = {"n": 0}
@@ -184,7 +185,7 @@ def generate_hires(model: LoadedModel, p: GenerateParams, h: Hires, callback: Ca
         if callback is not None:
             callback({**info, "step": p.steps + info["step"], "total": total, "pass": 2})
 
-    gen = torch.Generator("cpu").manual_seed(int(p.seed) + 1)   # per-step noise of ancestral samplers
+    gen = step_generators(q)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
     latents = sample(q.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_second, stop=stop,
                      eta=q.eta, flow=model.spec.prediction == "flow")
     images, notes = decode_latents_info(model, latents)

@@ -476,7 +476,8 @@ def family_img2img_start(model: LoadedModel, p: GenerateParams, sigmas: Tensor, 
     family's reference), x = z0 + noise * sigmas[steps - k]."""
     req = replace(p, inputs=request_inputs(model.spec, p), batch_size=1)
     gens = list(g) if isinstance(g, (list, tuple)) else [g]
-    starts = [model.family.img2img(model.parts, model.spec, req, gi) for gi in gens]   # [(z0 (1, C, h, w), s)]
+    with loaded(model.parts.vae):   # low memory: the VAE read for the encode only
+        starts = [model.family.img2img(model.parts, model.spec, req, gi) for gi in gens]   # [(z0 (1, C, h, w), s)]
     strength = starts[0][1]
     z0 = torch.cat([z.float() for z, _ in starts]).expand(shape)                    # (B, C, h, w)
     noise = _noise_of(p, shape, gens)

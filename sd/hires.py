@@ -31,7 +31,8 @@ from PIL import Image
 
 from .denoiser import noised
 from .pipeline import (GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents_info, encode_image,
-                       generate, guided_denoiser, image_generators, sampling_sigmas, step_generators)
+                       generate, guided_denoiser, image_generators, request_inputs, sampling_sigmas,
+                       step_generators)
 from .samplers import img2img_steps, sample
 
 Tensor = torch.Tensor
@@ -94,7 +95,8 @@ def second_pass_sigmas(model: LoadedModel, p: GenerateParams, steps: int, denois
     schedule for total = int(steps / min(denoise, 0.999)) steps and runs sigmas[total - steps:] (k-diffusion
     sample_img2img: sigmas[total - t_enc - 1:] with t_enc = steps - 1)."""
     total, t_enc = img2img_steps(steps, float(denoise), fixed=True)           # (int(steps / min(s, .999)), steps - 1)
-    full = sampling_sigmas(model, replace(p, steps=total, init_image=None))   # (total + 1,)
+    q = replace(p, steps=total, init_image=None, inputs=request_inputs(model.spec, p))   # inputs completed (SD3 shift)
+    full = sampling_sigmas(model, q)                                                     # (total + 1,)
     return full[total - t_enc - 1:]
 
 

@@ -124,3 +124,18 @@ def test_hires_on_the_cli(tiny_files, tmp_path, capsys):
                "--hires-denoise", "0.5", "--hires-upscaler", "Nearest", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (96, 96)
+
+
+def test_sd3_flow_model_hires_equals_upscale_plus_img2img(tmp_path):
+    """SD3 (rectified flow, 16 px steps): the same identity, through the family's flow sigmas and its shift input."""
+    from .tiny_sd3 import write_tiny_sd3, write_tiny_spiece
+
+    path = write_tiny_sd3("sd3_medium", tmp_path / "sd3_medium_incl_clips_t5xxlfp16.safetensors")
+    write_tiny_spiece(tmp_path / "spiece.model")
+    model = load_model(path)
+    p = base(width=32, height=32, steps=2, cfg=3.0, sampler="euler")
+    res = generate_hires(model, p, Hires(scale=1.5, steps=1, denoise=0.5, upscaler="Lanczos"))
+    assert res.images[0].size == (48, 48)
+    up = generate(model, p).images[0].resize((48, 48), Image.LANCZOS)
+    ref = generate(model, replace(p, width=48, height=48, steps=2, init_image=up, strength=0.25))
+    assert np.array_equal(arr(res.images[0]), arr(ref.images[0]))

@@ -124,10 +124,11 @@ def _drop(module: nn.Module) -> None:
 class Resident:
     """When one text tower's weights are in memory: loaded by `load()` (a fresh module from the file) when a request
     uses the tower, dropped after the last user is done unless `keep`. Thread-safe: concurrent requests share one
-    load."""
+    load. `own`: the family's conditioner loads the tower itself (`load_tower`: SD3, one tower at a time), so the
+    shared `use` (sd.pipeline.loaded around a whole conditioning) passes it through untouched."""
 
-    def __init__(self, module: nn.Module, load: Callable[[], nn.Module], keep: bool):
-        self.module, self.load, self.keep = module, load, keep
+    def __init__(self, module: nn.Module, load: Callable[[], nn.Module], keep: bool, own: bool = False):
+        self.module, self.load, self.keep, self.own = module, load, keep, own
         self._lock = threading.Lock()
         self._users = 0
 
@@ -152,7 +153,14 @@ class Resident:
 
 def use(tower: nn.Module):
     """`with use(tower) as module:` the tower with its weights loaded for the block (a tower without a Resident, as
-    in tests that build towers by hand, is used as it is)."""
+    in tests that build towers by hand, is used as it is; one its conditioner loads itself is passed through)."""
+    res = getattr(tower, "resident", None)
+    return res.use() if res is not None and not res.own else nullcontext(tower)
+
+
+def load_tower(tower: nn.Module):
+    """`with load_tower(tower) as module:` what a conditioner that loads its own towers uses (SD3: each tower only
+    for its own prompts, so at most one is in memory)."""
     res = getattr(tower, "resident", None)
     return res.use() if res is not None else nullcontext(tower)
 
@@ -168,7 +176,8 @@ def _meta_tensors(obj, prefix: str) -> dict[str, Tensor]:
 
 
 def _load_clip(obj, prefix: str, cfg: TextEncoderConfig, device, dtype, meta: bool = False) -> nn.Module:
-    enc = load_sd3_clip(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), cfg)
+    # built in `dtype`: the file's tensors are cast once, straight to it (no float32 copy of CLIP-G on the way)
+    enc = load_sd3_clip(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), cfg, dtype=dtype)
     return enc.to(device="meta" if meta else device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -179,9 +188,10 @@ def _load_t5(obj, prefix: str, tok: SentencePieceTokenizer, device, dtype, meta:
 
 
 def _resident(load: Callable[..., nn.Module], keep: bool) -> nn.Module:
-    """The tower `load` builds: loaded now (keep), or checked on the meta device and loaded on first use."""
+    """The tower `load` builds: loaded now (keep), or checked on the meta device and loaded on first use (by the SD3
+    conditioner, one tower at a time: `own`)."""
     tower = load(meta=not keep)
-    tower.resident = Resident(tower, load, keep)
+    tower.resident = Resident(tower, load, keep, own=True)
     return tower
 
 
@@ -449,5 +459,6 @@ def load_sd3_text(ckpt, context_dim: int, adm: int, sources: TextSources | None 
     return done()
 
 
-__all__ = ["TextSources", "T5Tower", "TextParts", "Resident", "use", "resident", "check_device", "load_sd3_text", "search_folders", "find_file",
+__all__ = ["TextSources", "T5Tower", "TextParts", "Resident", "use", "load_tower", "resident", "check_device",
+           "load_sd3_text", "search_folders", "find_file",
            "find_t5_tokenizer", "open_t5_tokenizer", "clip_config", "bundled_configs", "t5_tensors", "has_role"]

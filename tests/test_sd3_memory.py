@@ -47,16 +47,16 @@ def test_towers_are_not_resident_while_sampling_and_the_result_is_bit_identical(
 
     # while encoding: one tower loaded at a time, in the order CLIP-L, CLIP-G, T5
     seen = []
-    real_use = te.use
+    real_load = te.load_tower
 
     def spy(tower):
         seen.append(resident(free.parts.text_encoders))
-        return real_use(tower)
+        return real_load(tower)
 
-    monkeypatch.setattr(te, "use", spy)
+    monkeypatch.setattr(te, "load_tower", spy)
     during = []
     res = generate(free, P, callback=lambda info: during.append((resident(free.parts.text_encoders), free.nbytes())))
-    monkeypatch.setattr(te, "use", real_use)
+    monkeypatch.setattr(te, "load_tower", real_load)
     assert seen == [[False, False, False]] * 3                   # each tower is loaded only inside its own block
     assert len(during) == 3 and all(r == ([False, False, False], net_bytes) for r in during)
     assert resident(free.parts.text_encoders) == [False, False, False]

@@ -134,11 +134,11 @@ def condition(parts, spec, request, generator=None) -> tuple[dict, dict]:
     towers are loaded one at a time for it and dropped after (sd.text_encoders.Resident): none stays in memory
     while the MMDiT samples, unless kept."""
     from ..sd3_text import encode_sd3_prompts
-    from ..text_encoders import use
+    from ..text_encoders import load_tower
 
     clip_l, clip_g = parts.text_encoders[:2]
     pos, neg = encode_sd3_prompts([request.prompt, request.negative_prompt], clip_l, clip_g, spec.unet.context_dim,
-                                  _t5(parts, request), use=use)
+                                  _t5(parts, request), use=load_tower)
     return batched(pos, request.batch_size), batched(neg, request.batch_size)
 
 

@@ -79,6 +79,11 @@ def write_files(folder: Path, name: str, dtype: str) -> dict[str, float]:
     for file, prefix in TEXT.items():
         part = {k[len(prefix):]: s for k, s in bundled.items() if k.startswith(prefix)}
         sizes[file] = write_random_safetensors(folder / "text_encoders" / f"{file}.safetensors", part, dtype) / 1e9
+    # T5's real spiece.model cannot be fetched here: a small sentencepiece model with T5's special ids stands in
+    # (prompts still become 77 tokens, so T5's cost and memory are the real ones)
+    from tests.tiny_sd3 import write_tiny_spiece
+
+    write_tiny_spiece(folder / "text_encoders" / "spiece.model")
     return sizes
 
 
@@ -174,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             print(mode, json.dumps(rows[mode]), flush=True)
     finally:
         if not args.keep_files:
-            for f in [folder / f"{args.layout}.safetensors", *[folder / "text_encoders" / f"{k}.safetensors"
-                                                                for k in TEXT]]:
+            for f in [folder / f"{args.layout}.safetensors", folder / "text_encoders" / "spiece.model",
+                      *[folder / "text_encoders" / f"{k}.safetensors" for k in TEXT]]:
                 f.unlink(missing_ok=True)
     print(f"\n{args.layout} ({args.dtype}, random weights, CPU, {args.size}x{args.size}, {args.steps} step, CFG "
           f"{args.cfg:g}): peak RSS per phase, GiB")

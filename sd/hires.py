@@ -149,6 +149,9 @@ def generate_hires(model: LoadedModel, p: GenerateParams, h: Hires, callback: Ca
                                  model, p, callback=callback, stop=stop)
     if p.init_image is not None:
         raise ValueError("hires fix is a text-to-image pass: leave the init image out or turn hires fix off")
+    if any(i.kind == "image" for i in model.family.inputs):
+        raise ValueError(f"hires fix is for text-to-image checkpoints; {model.family.label} takes an image of its "
+                         "own: turn hires fix off")
     check_params(model.spec, p)
     m = model.spec.latent.factor * getattr(model.spec.unet, "patch_size", 1)   # pixels per latent step the net takes
     f = model.spec.latent.factor

@@ -139,3 +139,10 @@ def test_sd3_flow_model_hires_equals_upscale_plus_img2img(tmp_path):
     up = generate(model, p).images[0].resize((48, 48), Image.LANCZOS)
     ref = generate(model, replace(p, width=48, height=48, steps=2, init_image=up, strength=0.25))
     assert np.array_equal(arr(res.images[0]), arr(ref.images[0]))
+
+
+def test_hires_refuses_image_families_in_one_line(tiny_files):
+    with pytest.raises(ValueError, match="hires fix is for text-to-image checkpoints; SD 1.x inpainting takes an image of its own"):
+        generate_hires(load_model(tiny_files("sd1_inpaint")), base(), Hires())
+    with pytest.raises(ValueError, match="hires fix is a text-to-image pass"):
+        generate_hires(load_model(tiny_files("sd1")), base(init_image=Image.new("RGB", (64, 64))), Hires())

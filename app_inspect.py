@@ -170,12 +170,14 @@ def result(recorded: list, model) -> Inspection | None:
         return None
     rec, p = recorded[0]
     traj = rec.trajectory
-    try:
-        shapes = open_checkpoint(model.path).shapes()
-    except (CheckpointError, OSError):
-        shapes = None
-    card = card_text(model.spec, shapes, name=model.path.name, cond_shapes=conditioning_shapes(model, p),
-                     size=(p.width, p.height), batch=p.batch_size)
+    shapes = cond = None
+    try:   # a .safetensors header is cheap; a .ckpt would be read whole again: its card leaves the file part out
+        shapes = open_checkpoint(model.path).shapes() if model.path.suffix == ".safetensors" else None
+        cond = conditioning_shapes(model, p)   # the text towers once more, only for an inspected run
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:   # the run itself succeeded: keep it
+        print(f"note: the card of {model.path.name} has no request shapes: {e}", file=sys.stderr)
+    card = card_text(model.spec, shapes, name=model.path.name, cond_shapes=cond, size=(p.width, p.height),
+                     batch=p.batch_size)
     return Inspection(traj, model, p, card)
 
 

@@ -78,6 +78,9 @@ def main() -> None:
     kw = {"y": torch.empty(b, spec.unet.adm_in_channels, device="meta", dtype=dtype)} if spec.unet.adm_in_channels else {}
     with torch.no_grad(), LiveBytes() as m:
         unet(x, t, context=ctx, **kw)
+    pair_peak = m.peak / gib
+    with torch.no_grad(), LiveBytes() as m:   # --low-memory: sd.pipeline.one_by_one, one image of the pair at a time
+        unet(x[:1], t[:1], context=ctx[:1], **{k: v[:1] for k, v in kw.items()})
     unet_peak = m.peak / gib
     vae = build_first_stage(spec.vae, device="meta", dtype=dtype).eval()
     tile = min(TILE, h)
@@ -86,12 +89,12 @@ def main() -> None:
     vae_peak = m.peak / gib
     print(f"{a.layout} {a.size}x{a.size}, batch {a.batch} (CFG pair {b}), {a.dtype}")
     print(f"weights GiB: UNet {weights['unet']:.2f}, text towers {weights['text']:.2f}, VAE {weights['vae']:.2f}")
-    print(f"activation peak GiB: one UNet call {unet_peak:.2f} (upper bound), one {tile}x{tile}-latent decode tile "
-          f"{vae_peak:.2f}")
-    print(f"low-memory mode, sampling: UNet + its activations = {weights['unet'] + unet_peak:.2f} GiB "
+    print(f"activation peak GiB (upper bounds): the CFG pair in one UNet call {pair_peak:.2f}, one image "
+          f"{unet_peak:.2f}, one {tile}x{tile}-latent decode tile {vae_peak:.2f}")
+    print(f"low-memory mode, sampling: UNet + one image's activations = {weights['unet'] + unet_peak:.2f} GiB "
           f"(+ the process: Python, torch, ~0.5 GiB)")
     print(f"low-memory mode, decode: UNet + VAE + one tile = {weights['unet'] + weights['vae'] + vae_peak:.2f} GiB")
-    print(f"normal mode holds all weights: {sum(weights.values()):.2f} GiB before activations")
+    print(f"normal mode: all weights + the pair's activations = {sum(weights.values()) + pair_peak:.2f} GiB")
 
 
 if __name__ == "__main__":

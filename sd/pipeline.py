@@ -365,6 +365,8 @@ def guided_denoiser(model: LoadedModel, p: GenerateParams,
         else:
             cond, uncond = fam.condition(model.parts, model.spec, req, g)
     net = network_net(model)
+    if model.low_memory:   # the activations of one image at a time, not of the whole CFG batch
+        net = one_by_one(net)
     tile = fam.tile if p.tile is None else p.tile
     f = model.spec.latent.factor
     if fam.tile and tile and max(p.width, p.height) // f > tile:
@@ -374,6 +376,21 @@ def guided_denoiser(model: LoadedModel, p: GenerateParams,
     if fam.guidance is not None:               # the family's own (SD3.5: CFG + skip-layer guidance)
         return fam.guidance(den, cond, uncond, req, sampling_sigmas(model, req), model.spec)
     return cfg_denoiser(den, cond, uncond, p.cfg, rescale=p.guidance_rescale)
+
+
+def one_by_one(net):
+    """net(x, t, **cond) run image by image over the batch and concatenated: the activation peak of one image instead
+    of the classifier-free-guidance pair's (AUTOMATIC1111's --medvram / --lowvram stop batching cond with uncond the
+    same way). x (B, C, h, w), t (B,), every conditioning tensor (B, ...) -> (B, C, h, w)."""
+
+    def run(x: Tensor, t: Tensor, **cond) -> Tensor:
+        b = x.shape[0]
+        if b == 1:
+            return net(x, t, **cond)
+        pick = lambda v, i: v[i:i + 1] if isinstance(v, Tensor) and v.shape[:1] == (b,) else v  # noqa: E731
+        return torch.cat([net(x[i:i + 1], t[i:i + 1], **{k: pick(v, i) for k, v in cond.items()}) for i in range(b)])
+
+    return run
 
 
 def network_net(model: LoadedModel):

@@ -1,9 +1,12 @@
 """Low-memory mode (`--low-memory`, issue 14): only the UNet stays loaded; the text towers and the VAE are read from
 the file for each use (their own mmap) and dropped after (sd.text_encoders.Resident); the decode runs in tiles.
 
-Checked on tiny SD 1.5 and SDXL files: the images and latents equal the normal mode's bit for bit (at 64x64 the
-latent is one decode tile, where the tiled decode is exactly `vae.decode`), the parts hold no weights after a run,
-a second run reloads them, and the file's pages read for a tower are unmapped once the tower is dropped.
+The UNet runs the CFG pair one image at a time (`one_by_one`: half the activations), which changes float32
+rounding only: on tiny SD 1.5 and SDXL files the latents equal the normal mode's within 1e-4 (values up to ~40;
+measured 1.9e-5 and 3.4e-5) and the 8-bit images within 1 (measured 0 and 1); at 64x64 the latent is one decode
+tile, where the tiled decode is exactly `vae.decode`. `one_by_one` itself equals per-image calls bit for bit. The
+parts hold no weights after a run, a second run reloads them (bit-identical to the first), and the file's pages read
+for a tower are unmapped once the tower is dropped.
 """
 from __future__ import annotations
 
@@ -11,13 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from sd.pipeline import GenerateParams, ModelCache, generate, load_model, loaded
+from sd.pipeline import GenerateParams, ModelCache, generate, load_model, loaded, one_by_one
 from sd.text_encoders import resident
 
 
 def _params() -> GenerateParams:
     return GenerateParams(prompt="a red cube", negative_prompt="blurry", width=64, height=64, steps=2, cfg=5.0,
                           seed=3, sampler="euler", batch_size=1)
+
+
+def _close(a, b) -> None:
+    """Low-memory against normal: float32 rounding of the split CFG batch only."""
+    assert (a.latents - b.latents).abs().max().item() <= 1e-4
+    for x, y in zip(a.images, b.images):
+        assert np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() <= 1
 
 
 def _mappings(path) -> int:
@@ -37,11 +47,26 @@ def test_low_memory_run_equals_the_normal_run(tiny_files, layout) -> None:
     assert low.nbytes() == unet_bytes < normal.nbytes()
     a = generate(normal, _params())
     b = generate(low, _params())
-    assert torch.equal(a.latents, b.latents)
-    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    _close(a, b)
     assert resident(towers) == [False] * len(towers)          # dropped again after the run
     c = generate(low, _params())                                # reloaded from the file for the second run
-    assert np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+    assert torch.equal(b.latents, c.latents)
+
+
+def test_one_by_one_is_the_per_image_call() -> None:
+    calls = []
+
+    def net(x, t, crossattn=None, vector=None, concat=None):   # (B, C, h, w), (B,), (B, T, D), (B, A), (B, c, h, w)
+        calls.append(x.shape[0])
+        return x * t[:, None, None, None] + crossattn.sum() + vector.sum(1)[:, None, None, None] + concat.mean()
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 4, 5, 5, generator=g), torch.tensor([1.0, 2.0, 3.0])
+    cond = dict(crossattn=torch.randn(3, 7, 8, generator=g), vector=torch.randn(3, 6, generator=g),
+                concat=torch.randn(3, 1, 5, 5, generator=g))
+    got = one_by_one(net)(x, t, **cond)
+    want = torch.cat([net(x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in cond.items()}) for i in range(3)])
+    assert torch.equal(got, want) and calls == [1] * 6
 
 
 def test_a_dropped_tower_gives_its_pages_back(tiny_files) -> None:
@@ -67,7 +92,7 @@ def test_the_cache_keys_low_memory_apart(tiny_files) -> None:
 
 def test_cli_and_app_flags(tiny_files, tmp_path, capsys, monkeypatch) -> None:
     """`python -m sd generate --low-memory --threads 1` loads in low-memory mode with one torch thread, and its PNG
-    equals the normal mode's image; app.py's --low-memory makes it the cache's mode; --threads 0 is refused in one line."""
+    equals the normal mode's image (within 1); app.py's --low-memory makes it the cache's mode; --threads 0 is refused in one line."""
     import app
     import sd.__main__ as cli
     from PIL import Image
@@ -83,7 +108,8 @@ def test_cli_and_app_flags(tiny_files, tmp_path, capsys, monkeypatch) -> None:
     assert cli.main(base + ["--low-memory", "--threads", "1", "--out", str(tmp_path / "b.png")]) == 0
     assert got == [("threads", 1), True]
     want = generate(load_model(tiny_files("sd1")), _params()).images[0]   # the normal mode's image
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png").convert("RGB")), np.asarray(want))
+    got_png = np.asarray(Image.open(tmp_path / "b.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(got_png - np.asarray(want, dtype=np.int16)).max() <= 1
     capsys.readouterr()
     assert cli.main(base + ["--threads", "0", "--out", str(tmp_path / "c.png")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --threads must be at least 1, got 0"]
@@ -95,7 +121,7 @@ def test_cli_and_app_flags(tiny_files, tmp_path, capsys, monkeypatch) -> None:
 @pytest.mark.parametrize("layout", ["sd1", "sd1_inpaint"])
 def test_low_memory_image_inputs_equal_the_normal_run(tiny_files, layout) -> None:
     """The VAE encode of img2img (sd1) and of the inpaint condition (sd1_inpaint: the masked image's posterior
-    sample) reads the dropped VAE for the encode: the latents equal the normal mode's bit for bit."""
+    sample) reads the dropped VAE for the encode: the result equals the normal mode's (float32 rounding)."""
     from PIL import Image
 
     rng = np.random.default_rng(5)
@@ -106,5 +132,5 @@ def test_low_memory_image_inputs_equal_the_normal_run(tiny_files, layout) -> Non
     path = tiny_files(layout)
     low = load_model(path, low_memory=True)
     a, b = generate(load_model(path), p), generate(low, p)
-    assert torch.equal(a.latents, b.latents)
+    _close(a, b)
     assert resident([*low.parts.text_encoders, low.parts.vae]) == [False, False]

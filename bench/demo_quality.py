@@ -59,6 +59,21 @@ def vae_round_trip(path: str) -> int:
     fg = sum(a.color == c for a, (c, _) in zip(seen, truth)) / len(seen)
     bg = sum(a.background == b for a, (_, b) in zip(seen, truth)) / len(seen)
     print(f"{path}: round trip of {len(seen)} held-out renders: shape color {fg:.0%}, background {bg:.0%}")
+    # latent separability: per background, the 5 other colors' circle (center, medium); pairwise distances of the
+    # latent means in units of their std (a small minimum: two shape colors the decoder cannot tell apart)
+    parts = []
+    for background in data.COLOR_NAMES:
+        circles = [data.render((data.ShapeSpec(c, "circle", "center", "", 32.0, 32.0),), background)
+                   for c in data.COLOR_NAMES if c != background]
+        parts.append(torch.from_numpy(np.stack(circles)).permute(0, 3, 1, 2).float() / 127.5 - 1)  # (5, 3, 64, 64)
+    with torch.no_grad():
+        z = vae.encode(torch.cat(parts)).flatten(1)  # (30, 4 * 8 * 8)
+    z = (z / z.std()).view(len(data.COLOR_NAMES), -1, z.shape[1])  # (6, 5, 256)
+    cells = []
+    for background, zb in zip(data.COLOR_NAMES, z):
+        d = torch.cdist(zb, zb)[~torch.eye(len(zb), dtype=torch.bool)]  # (20,)
+        cells.append(f"{background} {float(d.min()):.2f}/{float(d.median()):.2f}")
+    print("latent distance between shape colors, min/median per background: " + ", ".join(cells))
     return 0
 
 

@@ -175,15 +175,21 @@ def _meta_tensors(obj, prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: torch.empty(s, device="meta") for k, s in obj.shapes().items() if k.startswith(prefix)}
 
 
+def _fresh(obj):
+    """A new handle on the checkpoint's file: the tensors a load reads hold its mapping, so the mapping (and the
+    file pages it keeps in the resident set) goes when the tower is dropped, not when the model is."""
+    return open_checkpoint(obj.path)
+
+
 def _load_clip(obj, prefix: str, cfg: TextEncoderConfig, device, dtype, meta: bool = False) -> nn.Module:
     # built in `dtype`: the file's tensors are cast once, straight to it (no float32 copy of CLIP-G on the way)
-    enc = load_sd3_clip(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), cfg, dtype=dtype)
+    enc = load_sd3_clip(_meta_tensors(obj, prefix) if meta else _fresh(obj).tensors(prefix), cfg, dtype=dtype)
     return enc.to(device="meta" if meta else device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _load_t5(obj, prefix: str, tok: SentencePieceTokenizer, device, dtype, meta: bool = False) -> "T5Tower":
-    t5 = load_t5(_meta_tensors(obj, prefix) if meta else obj.tensors(prefix), device="meta" if meta else device,
-                 dtype=dtype)
+    t5 = load_t5(_meta_tensors(obj, prefix) if meta else _fresh(obj).tensors(prefix),
+                 device="meta" if meta else device, dtype=dtype)
     return T5Tower(t5.requires_grad_(False), tok)
 
 

@@ -132,8 +132,8 @@ def load_t5(tensors: dict[str, Tensor], device=None, dtype=torch.float32):
 def split_scaled_fp8(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(weights, {weight key: its scale}) of a state dict: ComfyUI's scaled fp8 layout (`scaled_fp8` marker,
     `NAME.scale_weight` per Linear, `NAME.scale_input` optional) split into the plain keys and the scales by which
-    each `NAME.weight` is to be multiplied; a file without the marker comes back as it is with no scales. A `scale_weight`
-    without its weight, or a scale that is not one number, is a ValueError naming the key."""
+    each `NAME.weight` is to be multiplied; a file without the marker comes back as it is with no scales. A
+    `scale_weight` without its weight, or a scale that is not one number, is a ValueError naming the key."""
     state = dict(tensors)
     if "scaled_fp8" not in state:   # without the marker, scale keys are unexpected (strict loading names them)
         return state, {}

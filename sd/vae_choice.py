@@ -126,5 +126,6 @@ def missing_vae(checkpoint: str | os.PathLike, label: str, channels: int) -> str
             "in the models folder, or choose one (--vae FILE; in the app the VAE dropdown)")
 
 
-__all__ = ["AUTOMATIC", "NONE", "vae_files", "find_vae", "missing_vae", "vae_choices", "beside", "resolve_vae", "vae_hash", "load_vae_for",
+__all__ = ["AUTOMATIC", "NONE", "vae_files", "find_vae", "missing_vae", "vae_choices", "beside", "resolve_vae",
+           "vae_hash", "load_vae_for",
            "infotext_fields", "CheckpointError"]

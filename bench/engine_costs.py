@@ -77,8 +77,8 @@ def main() -> None:
             rows[n].append((w, c))
             print(f"  {n} thread(s): wall {w:6.2f} s  cpu {c:6.2f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
     for n, r in rows.items():
-        print(f"{n} thread(s): median wall {sorted(x for x, _ in r)[len(r) // 2]:.2f} s, "
-              f"median cpu {sorted(y for _, y in r)[len(r) // 2]:.2f} s")
+        print(f"{n} thread(s): mean wall {sum(x for x, _ in r) / len(r):.2f} s, "
+              f"mean cpu {sum(y for _, y in r) / len(r):.2f} s over {len(r)} step(s)")
 
     print(f"\nscaling ({a.threads} thread(s), float32)")
     print(f"{'size':>6}{'batch':>7}{'s/step':>9}{'cpu s':>8}{'img/min @20 steps':>19}")

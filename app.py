@@ -46,7 +46,7 @@ import app_inspect  # trajectory, schedules plot, checkpoint card (issue 13)
 import app_attention  # cross-attention maps of a run (issue 13)
 import app_grid  # the X/Y/Z comparison grid tab (issue 13)
 from sd import perf  # --low-memory, --threads (issue 14)
-import app_sd3  # the Preset picker of the SD3 / 3.5 tab (variants shapes cannot tell apart: turbo)
+import app_sd3  # SD3 / 3.5: the Preset picker (turbo: same layout as large), --t5-device, --keep-text-encoders
 
 DEMO_LABEL = "Demo (built in)"
 NO_REFINER = "None"

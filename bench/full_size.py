@@ -83,6 +83,8 @@ def child_ours(a, marks: dict) -> "object":
 
     if not a.no_tuning:
         tune_allocator()   # what `python -m sd` and app.py do first
+    from transformers import CLIPTextModel  # noqa: F401  (sd.text imports it on first use; here with the imports,
+    #                                                   as diffusers' side imports it up front)
     torch.set_num_threads(a.threads)
     marks["imports"] = (time.perf_counter(), peak_rss_mb())
     model = pl.load_model(a.ckpt, dtype=a.dtype)

@@ -21,8 +21,8 @@ from .tiny_sd3 import tiny_mmdit_tensors, tiny_text_tensors, tiny_vae_tensors
 
 P = GenerateParams(prompt="a red cat", negative_prompt="", width=32, height=32, steps=2, cfg=3.0, seed=3)
 MISSING = ("sd3.5_large.safetensors has no VAE (first_stage_model.*) and no VAE file was found for it: put a SD3.5 "
-           "large VAE (16 latent channels) as sd3.5_large.vae.safetensors beside it or in a vae/ folder beside it or in "
-           "the models folder, or choose one (--vae FILE; in the app the VAE dropdown)")
+           "large VAE (16 latent channels) as sd3.5_large.vae.safetensors beside it or in a vae/ folder beside it "
+           "or in the models folder, or choose one (--vae FILE; in the app the VAE dropdown)")
 
 
 def _save(tensors: dict, path: Path) -> Path:

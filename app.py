@@ -1120,8 +1120,9 @@ def share_auth(share: bool, auth: str | None) -> tuple[tuple[str, str] | None, s
 def main(argv: list[str] | None = None) -> int:
     from sd.cpu_tuning import tune_allocator
 
-    tune_allocator()   # large freed blocks stay in the heap for the next op (sd/cpu_tuning.py)
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.low_memory:   # freed blocks stay in the heap: faster, ~1 GB more at the peak (sd/cpu_tuning.py)
+        tune_allocator()
     try:
         auth, say = share_auth(args.share, args.auth)
     except ValueError as e:
@@ -1146,7 +1147,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.outputs_dir).mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 max_file_size=f"{int(args.max_upload_mb * 1024)}kb",
-                allowed_paths=[str(Path(args.outputs_dir).resolve())])
+                allowed_paths=[str(Path(args.outputs_dir).resolve())],
+                # gradio 6.31's launch probes the page with HEAD requests of 3 s timeout and refuses to start when
+                # they time out; the page config of nine tabs is ~1.7 MB and took ~4 s to serve on a loaded 2-core
+                # machine, so the probe is skipped (its only effect: pinned gradio, Blocks.launch `_frontend`)
+                _frontend=False)
     return 0
 
 

@@ -67,8 +67,10 @@ def run(world, **kw):
 
 def test_inpaint_tab_is_built_from_the_families(world):
     names = app.tab_inputs("inpaint")
-    assert names[-7:] == ("image", "mask", "mask_blur", "masked_content", "inpaint_area", "masked_padding",
-                          "paste_back")
+    i = names.index("image")    # the family's inputs, in order, after the common ones (app-wide extras follow)
+    assert names[i:i + 7] == ("image", "mask", "mask_blur", "masked_content", "inpaint_area", "masked_padding",
+                              "paste_back")
+    assert names.index("vae") < i
     assert "init_image" not in names and "strength" not in names     # the families take their own image
     assert {f.name for f in app.family_tabs()["inpaint"]} == {"sd1-inpaint", "sd2-inpaint", "sdxl-inpaint"}
     comps = {c.get("props", {}).get("elem_id"): c for c in world["demo"].config["components"]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 
 from sd.pipeline import GenerateParams, ModelCache, generate, load_model, loaded, one_by_one
@@ -69,8 +70,10 @@ def test_one_by_one_is_the_per_image_call() -> None:
     assert torch.equal(got, want) and calls == [1] * 6
 
 
-def test_a_dropped_tower_gives_its_pages_back(tiny_files) -> None:
-    path = tiny_files("sd1")
+def test_a_dropped_tower_gives_its_pages_back(tiny_files, tmp_path) -> None:
+    import shutil
+
+    path = Path(shutil.copy(tiny_files("sd1"), tmp_path / "own.safetensors"))   # mapped by this test only
     low = load_model(path, low_memory=True)
     before = _mappings(path)                                    # the UNet's tensors: views of the loader's mmap
     assert before == 1

@@ -182,7 +182,8 @@ def world(tiny_files, tmp_path_factory):
 
 def test_upscale_tab_is_built_from_the_family(world) -> None:
     names = app.tab_inputs("upscale")
-    assert names[-2:] == ("image", "noise_level") and "init_image" not in names
+    i = names.index("image")    # the family's inputs in order (app-wide extras such as inspect follow)
+    assert names[i:i + 2] == ("image", "noise_level") and "init_image" not in names
     comps = {c.get("props", {}).get("elem_id"): c for c in world["demo"].config["components"]}
     assert comps["upscale-image"]["type"] == "image"
     assert comps["upscale-noise-level"]["props"]["maximum"] == 350
@@ -532,7 +533,8 @@ def test_unclip_endpoint(world, unclip) -> None:
     from PIL import Image
 
     names = app.tab_inputs("unclip")
-    assert names[-2:] == ("image", "noise_level") and "init_image" not in names
+    i = names.index("image")    # the family's inputs in order (app-wide extras such as inspect follow)
+    assert names[i:i + 2] == ("image", "noise_level") and "init_image" not in names
     picture(100, 70).save(world["root"] / "vary.png")
     images, _, status, infotext, seed, _ = world["client"].predict(
         checkpoint="unclip-h.safetensors", prompt="", steps=2, seed=5, width=64, height=64, sampler="Euler",

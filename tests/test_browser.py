@@ -38,6 +38,12 @@ def url(tiny_files, tmp_path_factory):
     write_tiny_spiece(models / "spiece.model")
     outputs = tmp_path_factory.mktemp("browser-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
+    yield from serve(demo, outputs)
+
+
+
+def serve(demo, outputs):
+    """Launch a built app on a free local port for a browser test; yields its URL and closes it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,7 +51,6 @@ def url(tiny_files, tmp_path_factory):
                 allowed_paths=[str(outputs)])
     yield f"http://127.0.0.1:{port}/"
     demo.close()
-
 
 @contextmanager
 def browser_page(url: str, height: int):

@@ -6,7 +6,6 @@ The screenshot goes to test-artifacts/browser-depth.png.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 import app
 from sd.pipeline import ModelCache
 
-from .test_browser import ARTIFACTS, _fetch_image, browser_page, generate, set_number
+from .test_browser import ARTIFACTS, serve, _fetch_image, browser_page, generate, set_number
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,7 @@ def url(tiny_files, tmp_path_factory):
     os.symlink(tiny_files("sd2_depth"), models / "depth.safetensors")
     outputs = tmp_path_factory.mktemp("browser-depth-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    yield from serve(demo, outputs)
 
 
 def test_depth_tab_shows_the_estimated_depth_map(url, tmp_path):

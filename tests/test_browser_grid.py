@@ -3,7 +3,6 @@ then the SD 1.x tab's cross-attention accordion: run it, pick a word, the heat m
 test-artifacts/ (gitignored). The app serves the built-in demo model only (an empty models folder)."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import app
 from sd.pipeline import ModelCache
 
-from .test_browser import ARTIFACTS, _fetch_image, browser_page, set_number
+from .test_browser import ARTIFACTS, serve, _fetch_image, browser_page, set_number
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +18,7 @@ def url(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("browser-grid-outputs")
     demo = app.build_app(tmp_path_factory.mktemp("browser-grid-models"), device="cpu", dtype="float32",
                          cache=ModelCache(), outputs_dir=outputs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    yield from serve(demo, outputs)
 
 
 def test_grid_tab_and_attention_maps_in_chromium(url):

@@ -7,7 +7,6 @@ The API: /generate_sd1 with inspect=True, then /trajectory_sd1 gives one image p
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from PIL import Image
 import app
 from sd.pipeline import ModelCache
 
-from .test_browser import ARTIFACTS, _fetch_image, browser_page, set_number
+from .test_browser import ARTIFACTS, serve, _fetch_image, browser_page, set_number
 
 STEPS = 3
 
@@ -28,13 +27,7 @@ def url(tiny_files, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("inspect-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs,
                          demo_path=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    yield from serve(demo, outputs)
 
 
 def test_inspect_view_in_chromium(url):

@@ -35,7 +35,7 @@ TIME_LIMIT_S = 1.0
 
 def refused(path: Path) -> str:
     """The one-line CheckpointError message of opening `path` (exactly that type, within the time limit)."""
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     try:
         open_checkpoint(path).shapes()
     except CheckpointError as e:
@@ -43,7 +43,7 @@ def refused(path: Path) -> str:
         msg = str(e)
     else:
         raise AssertionError(f"{path.name} was accepted")
-    elapsed = time.perf_counter() - t0
+    elapsed = time.thread_time() - t0
     assert elapsed < TIME_LIMIT_S, elapsed
     assert len(msg.splitlines()) == 1 and msg.startswith(path.name + ": "), msg
     return msg
@@ -253,16 +253,18 @@ def test_header_of_too_many_json_values_is_refused_before_parsing(tmp_path) -> N
 
 
 def test_largest_header_within_the_caps_reads_in_under_a_second(tmp_path) -> None:
-    """20,000 tensors of 8 dimensions and 100k metadata entries: every cap nearly reached (measured 0.35 s). Timed in
-    CPU time (the bound is on the work; on a shared 2-core machine the wall time also counts other processes)."""
+    """20,000 tensors of 8 dimensions and 100k metadata entries: every cap nearly reached (measured 0.2-0.45 s). Timed
+    in this thread's CPU time: the bound is on the parse's own work. Wall time counts other processes on a shared
+    2-core machine, and process_time counts every thread of the pytest process (app servers and workers left running
+    by earlier tests): CI measured 1.7 s of process CPU time around this parse, which alone takes ~0.3 s."""
     header: dict = {"__metadata__": {str(i): "x" for i in range(MAX_COLONS - 4 * MAX_TENSORS - 10)}}
     for i in range(MAX_TENSORS):
         header[f"t{i}"] = {"dtype": "U8", "shape": [1] * 8, "data_offsets": [i, i + 1]}
     path = write_safetensors(tmp_path / "max.safetensors", json.dumps(header, separators=(",", ":")).encode(),
                              MAX_TENSORS)
-    t0 = time.process_time()
+    t0 = time.thread_time()
     ckpt = open_checkpoint(path)
-    assert time.process_time() - t0 < TIME_LIMIT_S
+    assert time.thread_time() - t0 < TIME_LIMIT_S
     assert len(ckpt.infos) == MAX_TENSORS and ckpt.infos["t7"].shape == (1,) * 8
     header["extra"] = {"dtype": "U8", "shape": [1], "data_offsets": [MAX_TENSORS, MAX_TENSORS + 1]}
     header["__metadata__"] = {}

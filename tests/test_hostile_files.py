@@ -224,9 +224,9 @@ def test_huge_dimensions_header_is_refused_fast(tmp_path) -> None:
     raw = _huge_dims_header()
     assert 2_390_000 < len(raw) < 2_410_000
     path = write_safetensors(tmp_path / "huge.safetensors", raw, 2)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     msg = refused(path)
-    assert time.perf_counter() - t0 < 0.5  # was 22-32 s
+    assert time.thread_time() - t0 < 0.5  # was 22-32 s
     assert "tensor 'a' has 558 dimensions (at most 8)" in msg
     # the same numbers in a shape of legal length: each is refused at once, no big-int product
     raw = json.dumps({"a": {"dtype": "F16", "shape": [int("9" * 4299)] * 8, "data_offsets": [0, 2]}}).encode()

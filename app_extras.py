@@ -26,10 +26,11 @@ from sd.styles import apply_styles, load_styles
 
 HIRES_PARAMS = ("hires", "hires_upscaler", "hires_scale", "hires_resize_x", "hires_resize_y", "hires_steps",
                 "hires_denoise")
-PARAMS = ("clip_skip", "styles", *HIRES_PARAMS)
+PARAMS = ("clip_skip", "styles", *HIRES_PARAMS, "sdxl_clip_l_skip")   # each new one appended: old calls still work
 # What an API call that leaves one out gets (app.PLAIN_DEFAULTS is updated with these): everything off.
 DEFAULTS = {"clip_skip": 1, "styles": (), "hires": False, "hires_upscaler": "Latent", "hires_scale": 2.0,
-            "hires_resize_x": 0, "hires_resize_y": 0, "hires_steps": 0, "hires_denoise": 0.7}
+            "hires_resize_x": 0, "hires_resize_y": 0, "hires_steps": 0, "hires_denoise": 0.7,
+            "sdxl_clip_l_skip": False}
 MAX_CLIP_SKIP = 12
 PREVIEW_NAMES = ("{stem}.png", "{stem}.preview.png")     # A1111's preview files beside a LoRA / embedding
 # Cross-attention context width -> the model line a LoRA / embedding of that width fits (a display hint only;
@@ -172,10 +173,21 @@ def clip_skip_of(s: dict) -> int:
     return k
 
 
+def sdxl_clip_l_skip_of(s: dict) -> bool:
+    """A1111's "Clip skip SDXL" option (None = off); anything but a yes/no is refused in one line."""
+    v = s.get("sdxl_clip_l_skip")
+    if v is None:
+        return False
+    if v not in (True, False):    # True / False (and 1 / 0, which equal them)
+        raise ValueError(f"sdxl_clip_l_skip must be true or false, got {str(v)[:40]!r}")
+    return bool(v)
+
+
 def check(ctx, s: dict) -> None:
     """Refuse malformed extras before anything loads."""
     hires_of(s, tuple(upscaler_models(ctx)) if s.get("hires") else ())
     clip_skip_of(s)
+    sdxl_clip_l_skip_of(s)
 
 
 def run(ctx, s: dict, model, p, callback=None, stop=None):
@@ -183,7 +195,8 @@ def run(ctx, s: dict, model, p, callback=None, stop=None):
     as A1111 writes it on every model), the extra folders of the app's flags searched for LoRAs / embeddings."""
     ex = extras_of(ctx)
     k = clip_skip_of(s)
-    p = replace(p, clip_skip=k, loras_dir=str(ex.loras_dir) if ex.loras_dir else p.loras_dir,
+    p = replace(p, clip_skip=k, sdxl_clip_l_skip=sdxl_clip_l_skip_of(s),
+                loras_dir=str(ex.loras_dir) if ex.loras_dir else p.loras_dir,
                 embeddings_dir=str(ex.embeddings_dir) if ex.embeddings_dir else p.embeddings_dir)
     models = upscaler_models(ctx) if s.get("hires") else {}
     h = hires_of(s, tuple(models))
@@ -308,7 +321,11 @@ def build_controls(ctx, tab: str, c: dict, fams) -> None:
                                   info="A1111 styles.csv: {prompt} is replaced by the prompt, else appended")
         c["clip_skip"] = gr.Slider(1, MAX_CLIP_SKIP, value=1, step=1, label="Clip skip", elem_id=f"{tab}-clip-skip",
                                    scale=2, info="SD 1.x: CLIP layer counted from the end. SD 2.x / SDXL towers "
-                                                 "use their fixed penultimate layer (as A1111: no effect there)")
+                                                 "use their fixed penultimate layer (as A1111: no effect there; "
+                                                 "SDXL's CLIP-L follows it with Clip skip SDXL)")
+        c["sdxl_clip_l_skip"] = gr.Checkbox(False, label="Clip skip SDXL", elem_id=f"{tab}-sdxl-clip-l-skip", scale=1,
+                                            info="Enable Clip skip for the secondary clip model in SDXL (its "
+                                                 "CLIP-L). Has no effect on SD 1.x, SD 2.x, SD3 or the refiner")
     with gr.Accordion("Hires. fix", open=False, elem_id=f"{tab}-hires-accordion"):
         with gr.Row():
             c["hires"] = gr.Checkbox(False, label="Hires. fix", elem_id=f"{tab}-hires")

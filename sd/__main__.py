@@ -200,7 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = GenerateParams(
         prompt=prompt, negative_prompt=negative, width=args.width, height=args.height,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_original_size=args.sdxl_original_size,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, sdxl_clip_l_skip=args.sdxl_clip_l_skip,
+        sdxl_original_size=args.sdxl_original_size,
         sdxl_crop=args.sdxl_crop, sdxl_target_size=args.sdxl_target_size, aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score, inputs=inputs, tile=args.tile,
         models_dir=args.models_dir, loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sd3.5-large-turbo; a file name containing 'turbo' picks that one)")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--sdxl-clip-l-skip", action="store_true",
+                   help="A1111 'Clip skip SDXL': apply --clip-skip to SDXL's CLIP-L too (the secondary CLIP model; "
+                        "1 = its last layer). No effect on SD 1.x, SD 2.x, SD3 or the SDXL refiner")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     from . import perf

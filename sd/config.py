@@ -92,6 +92,9 @@ class TextEncoderConfig:
     layer: str = "last"                        # "last" or "penultimate" (= hidden_states[-2])
     final_ln: bool = True                      # apply the final LayerNorm to the chosen layer
     output_pooled: bool = False                # SDXL bigG: pooled (EOT token, projected) is used too
+    clip_skip_opt_in: bool = False             # fixed to `layer`, but a request's opt-in (A1111 "Clip skip SDXL",
+                                               # GenerateParams.sdxl_clip_l_skip) makes clip skip k take
+                                               # hidden_states[-k]; set by the family (SDXL's CLIP-L)
 
 
 @dataclass(frozen=True)

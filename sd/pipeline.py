@@ -148,6 +148,8 @@ class GenerateParams:
     schedule: str = "normal"
     batch_size: int = 1
     clip_skip: int = 1
+    sdxl_clip_l_skip: bool = False                      # A1111 "Clip skip SDXL": towers marked clip_skip_opt_in
+                                                        # (SDXL's CLIP-L) take hidden_states[-clip_skip]
     eta: float | None = None
     guidance_rescale: float = 0.0
     sdxl_original_size: tuple[int, int] | None = None   # default (height, width)

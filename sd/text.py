@@ -301,7 +301,8 @@ def text_cleaning(cfg: TextEncoderConfig) -> str:
 
 
 @torch.no_grad()
-def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1,
+                  opt_in: bool = False) -> tuple[Tensor, Tensor | None]:
     """Prompt -> (hidden (1, 77 * n_chunks, width), pooled (1, P) or None), AUTOMATIC1111 semantics.
 
     Weighted 75-token chunks (sd.tokenizer.tokenize_chunks: A1111's comma backtrack and BREAK; padding with
@@ -309,7 +310,9 @@ def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[
     encoded; in each chunk every token's hidden state is multiplied by its weight and the chunk is then
     rescaled so its mean equals the unweighted mean. Chunks are concatenated along the sequence; pooled
     comes from chunk 0. clip_skip k > 1 takes hidden_states[-k] (then the final LN iff cfg.final_ln) for
-    encoders whose cfg.layer is "last"; encoders fixed to "penultimate" ignore it. Textual-inversion
+    encoders whose cfg.layer is "last"; encoders fixed to "penultimate" ignore it, except that with `opt_in` (the
+    request's A1111 "Clip skip SDXL") a tower whose cfg.clip_skip_opt_in is set takes hidden_states[-k] for every k
+    (1 = the last layer; SDXL's CLIP-L, which has no final LN, as A1111's sd_hijack_clip). Textual-inversion
     embeddings this thread's request activated (sd.embeddings.use_embeddings) take their token positions.
     """
     cfg = encoder.cfg
@@ -318,7 +321,10 @@ def encode_prompt(encoder: TextEncoder, text: str, clip_skip: int = 1) -> tuple[
     tokens, weights, fixes = tokenize_with_embeddings(text, cfg.pad_token, active_for(encoder),  # (N, 77), (N, 77)
                                                       text_cleaning(cfg))
     device = next(encoder.parameters()).device
-    layer_index = -clip_skip if (clip_skip > 1 and cfg.layer == "last") else None
+    if opt_in and cfg.clip_skip_opt_in:
+        layer_index = -clip_skip
+    else:
+        layer_index = -clip_skip if (clip_skip > 1 and cfg.layer == "last") else None
     with inserted(encoder, fixes):   # embedding vectors at their token positions (no fixes: the plain forward)
         hidden, pooled = encoder(tokens.to(device), layer_index=layer_index)  # (N, 77, W), (N, P)
     z = hidden.float()

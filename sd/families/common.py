@@ -26,11 +26,13 @@ def fourier(values: list[float], device=None) -> Tensor:
     return timestep_embedding(v, FOURIER_DIM).reshape(-1)
 
 
-def encode_text(encoders, spec: ModelSpec, text: str, clip_skip: int) -> tuple[Tensor, Tensor | None]:
-    """Run every text tower of the spec on `text`: (context (1, 77k, sum of widths), pooled (1, P) or None)."""
+def encode_text(encoders, spec: ModelSpec, text: str, clip_skip: int,
+                opt_in: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Run every text tower of the spec on `text`: (context (1, 77k, sum of widths), pooled (1, P) or None).
+    `opt_in`: A1111's "Clip skip SDXL" (sd.text.encode_prompt: towers with cfg.clip_skip_opt_in follow clip_skip)."""
     hiddens, pooled = [], None
     for enc, cfg in zip(encoders, spec.text_encoders):
-        h, p = encode_prompt(enc, text, clip_skip=clip_skip)
+        h, p = encode_prompt(enc, text, clip_skip=clip_skip, opt_in=opt_in)
         hiddens.append(h)
         if cfg.output_pooled:
             pooled = p
@@ -43,11 +45,13 @@ def encode_text(encoders, spec: ModelSpec, text: str, clip_skip: int) -> tuple[T
 
 def text_pair(parts, spec: ModelSpec, request, empty_negative: str):
     """(ctx, pooled, negative ctx, negative pooled) of the request's prompt and negative prompt. An empty negative
-    is encoded ("encode", LDM / A1111) or zeros like the prompt's ("zeros", SGM's SDXL)."""
-    ctx, pooled = encode_text(parts.text_encoders, spec, request.prompt, request.clip_skip)
+    is encoded ("encode", LDM / A1111) or zeros like the prompt's ("zeros", SGM's SDXL). The request's
+    sdxl_clip_l_skip (A1111 "Clip skip SDXL") is off where a request type has no such field."""
+    opt_in = bool(getattr(request, "sdxl_clip_l_skip", False))   # sd.conditioning's SimpleNamespace has none
+    ctx, pooled = encode_text(parts.text_encoders, spec, request.prompt, request.clip_skip, opt_in)
     if empty_negative == "zeros" and not request.negative_prompt:
         return ctx, pooled, torch.zeros_like(ctx), (torch.zeros_like(pooled) if pooled is not None else None)
-    nctx, npooled = encode_text(parts.text_encoders, spec, request.negative_prompt, request.clip_skip)
+    nctx, npooled = encode_text(parts.text_encoders, spec, request.negative_prompt, request.clip_skip, opt_in)
     return ctx, pooled, nctx, npooled
 
 

@@ -6,12 +6,13 @@
 - `sdxl-inpaint` (sd_xl_base_1.0_inpainting_0.1): the base's text side, 9-channel UNet with the inpainting concat.
 - `sdxl-refiner` (sec. 2.5): bigG only -> (B, 77k, 1280); vector = [pooled, Fourier(orig h, w, crop top, left,
   aesthetic score)] -> (B, 1280 + 5 * 256); continues the base's latents for the last steps.
-An empty negative prompt gives zeros (crossattn and pooled), as SGM's reference sampling does.
+An empty negative prompt gives zeros (crossattn and pooled), as SGM's reference sampling does. A1111's opt-in "Clip
+skip SDXL" (GenerateParams.sdxl_clip_l_skip) makes the base's CLIP-L take hidden_states[-clip_skip]; bigG never moves.
 Recognised by: SGM `conditioner.embedders.N` towers (base: CLIP-L + bigG; refiner: bigG alone, with a vector).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -108,8 +109,10 @@ def two_towers(shapes, unet) -> bool:
 
 
 def build_base(shapes, unet):
-    return detect_vae(shapes), (hf_text(shapes, E0 + "transformer.", "penultimate", False),
-                                openclip_text(shapes, E1 + "model.", "penultimate", False, True))
+    """CLIP-L (penultimate, no LN; clip skip moves it only on the request's opt-in, A1111's "Clip skip SDXL",
+    `FrozenCLIPEmbedderForSDXLWithCustomWords`) and bigG (penultimate, no LN, pooled; never moved)."""
+    clip_l = replace(hf_text(shapes, E0 + "transformer.", "penultimate", False), clip_skip_opt_in=True)
+    return detect_vae(shapes), (clip_l, openclip_text(shapes, E1 + "model.", "penultimate", False, True))
 
 
 def bigg_alone(shapes, unet) -> bool:

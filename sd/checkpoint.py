@@ -105,6 +105,10 @@ class Checkpoint:
         except Exception as e:  # a damaged data section shows up only here
             raise CheckpointError(f"{self.path.name}: cannot read tensor {key!r} ({e}); the file is damaged, download it again") from None
 
+    def close(self) -> None:
+        """Let go of the file's mapping (reopened by the next `get`); tensors read before keep what they map."""
+        self._safe = None
+
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         """All tensors under `prefix`, with the prefix stripped."""
         return {k[len(prefix):]: self.get(k) for k in self.infos if k.startswith(prefix)}

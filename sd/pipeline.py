@@ -59,7 +59,7 @@ class LoadedModel:
     _hash: str | None = None
     sigmas_source: str = ""  # the file's betas / denoiser.sigmas, or the family's own schedule
     vae_file: Path | None = None  # an external VAE replacing the checkpoint's (sd.vae_choice); None: its own
-    low_memory: bool = False      # text towers and VAE loaded per use and dropped (sd.loader._dropped); tiled decode
+    low_memory: bool = False      # text towers, UNet, VAE loaded per use and dropped (sd.loader._dropped); tiled decode
 
     @property
     def family(self) -> Family:
@@ -87,8 +87,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                low_memory: bool = False) -> LoadedModel:
     """Open, detect and load a single-file checkpoint. Raises CheckpointError with a one-line reason. `sources`
     (sd.text_encoders.TextSources): where separate text-encoder files are (SD3.5), T5 on/off; the notes of what was
-    used go to spec.notes (shown with every result). `low_memory` (--low-memory): only the UNet stays loaded; the
-    text towers and the VAE are read from the file for each use and dropped after, and the decode runs in tiles."""
+    used go to spec.notes (shown with every result). `low_memory` (--low-memory): the text towers, the UNet and the
+    VAE are each read from the file for their use and dropped after (the UNet before the decode), and the decode
+    runs in tiles."""
     ckpt = open_checkpoint(path)
     spec = detect(ckpt.shapes(), prediction=prediction)
     if get_family(spec.family).latent_from_file is not None:   # a latent scale stored in the file (LDM scale_factor)
@@ -111,10 +112,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if parts.notes:
         spec = replace(spec, notes=(*spec.notes, *parts.notes))
     if spec.prediction_source == "probe":
-        is_v = probe_is_v(parts.unet)
+        with loaded(parts.unet):
+            is_v = probe_is_v(parts.unet)
         spec = replace(spec, prediction="v" if is_v else "eps",
                        prediction_source=f"A1111 probe on the UNet ({'v' if is_v else 'eps'}-like output at t=999)")
     sigmas, source = training_sigmas(ckpt, get_family(spec.family))
+    if low_memory:
+        ckpt.close()   # the dropped parts' loaders keep this object: not its mapping of the whole file
     return LoadedModel(Path(path), spec, parts, sigmas, device, dtype, sigmas_source=source,
                        vae_file=Path(vae) if vae is not None else None, low_memory=low_memory)
 
@@ -397,6 +401,10 @@ def one_by_one(net):
 
 def network_net(model: LoadedModel):
     """The loaded network as net(x_in, t, crossattn, vector, ...) in the SGM conditioner's language."""
+    from .text_encoders import resident
+
+    if not resident([model.parts.unet])[0]:   # a low-memory model's UNet holds weights only inside loaded()
+        raise RuntimeError("the UNet is not loaded: run the sampling inside `with loaded(model.parts.unet):`")
     if model.spec.network == "mmdit":
         from .mmdit import mmdit_net
 
@@ -545,7 +553,7 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     from .networks import needs_networks, run_with_networks
 
     if needs_networks(p, model):   # LoRAs, embeddings, an external VAE's infotext (sd.networks), then back here
-        with loaded(*model.parts.text_encoders):   # low memory: the towers stay for a run that patches them
+        with loaded(*model.parts.text_encoders, model.parts.unet):   # low memory: they stay for a patched run
             return run_with_networks(generate, model, p, callback=callback, stop=stop)
     if model.parts.vae is None:   # no VAE in the file and none found beside it (sd.vae_choice.find_vae)
         from .vae_choice import missing_vae
@@ -554,18 +562,19 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     check_params(model.spec, p)
     p, shown = family_prepare(model, p)   # the family's own inputs from its parts (depth: the MiDaS estimate)
     g = image_generators(p)                           # one per image, seed s + i (A1111's ImageRNG)
-    guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
-    x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
     done = {"n": 0}
+    with loaded(model.parts.unet):   # low memory: the UNet read for the sampling, dropped before the decode
+        guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
+        x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
 
-    def on_step(info: dict) -> None:
-        done["n"] = info["step"] + 1
-        if callback is not None:   # the first step also reports the starting latent (sd.trajectory's x_t of step 0)
-            callback(info if info["step"] else {**info, "x_in": x})
+        def on_step(info: dict) -> None:
+            done["n"] = info["step"] + 1
+            if callback is not None:   # the first step also reports the starting latent (sd.trajectory: x_t, step 0)
+                callback(info if info["step"] else {**info, "x_in": x})
 
-    gen = step_generators(p)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
-    latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
-                     eta=p.eta, flow=model.spec.prediction == "flow")
+        gen = step_generators(p)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
+        latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
+                         eta=p.eta, flow=model.spec.prediction == "flow")
     stopped = done["n"] < len(sigmas) - 1
     images, notes = decode_latents_info(model, latents)
     fam = model.family

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .pipeline import (GenerateParams, GenerateResult, LoadedModel, check_params, decode_latents, guided_denoiser,
-                       start_latent, step_generators)
+                       loaded, start_latent, step_generators)
 from .samplers import _stopped, sample
 
 Tensor = torch.Tensor
@@ -57,8 +57,9 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
                 start = {"x_in": x} if offset + info["step"] == 0 else {}
                 callback({**info, "step": offset + info["step"], "total": total, "model": name, **start})
 
-        x = sample(p.sampler, guided_denoiser(model, p), x.to(model.device, model.dtype), part.to(model.device),
-                   generator=gen, callback=on_step, stop=stop, eta=p.eta)
+        with loaded(model.parts.unet):   # low memory: each stage's UNet read for its steps only
+            x = sample(p.sampler, guided_denoiser(model, p), x.to(model.device, model.dtype), part.to(model.device),
+                       generator=gen, callback=on_step, stop=stop, eta=p.eta)
         last = model
     images = decode_latents(last, x)
     return GenerateResult(images, x.float().cpu(), p.seed, base.spec, stopped=done["n"] < total,

@@ -1,5 +1,6 @@
-"""Low-memory mode (`--low-memory`, issue 14): only the UNet stays loaded; the text towers and the VAE are read from
-the file for each use (their own mmap) and dropped after (sd.text_encoders.Resident); the decode runs in tiles.
+"""Low-memory mode (`--low-memory`, issue 14): nothing stays loaded between uses; the text towers, the UNet and the
+VAE are each read from the file for their use (their own mmap) and dropped after (sd.text_encoders.Resident), the
+UNet before the decode starts; the decode runs in tiles.
 
 The UNet runs the CFG pair one image at a time (`one_by_one`: half the activations), which changes float32
 rounding only: on tiny SD 1.5 and SDXL files the latents equal the normal mode's within 1e-4 (values up to ~40;
@@ -42,10 +43,9 @@ def _mappings(path) -> int:
 def test_low_memory_run_equals_the_normal_run(tiny_files, layout) -> None:
     path = tiny_files(layout)
     normal, low = load_model(path), load_model(path, low_memory=True)
-    towers = [*low.parts.text_encoders, low.parts.vae]
+    towers = [*low.parts.text_encoders, low.parts.vae, low.parts.unet]
     assert resident(towers) == [False] * len(towers)          # checked on the meta device at load, nothing read
-    unet_bytes = sum(p.numel() * p.element_size() for p in low.parts.unet.parameters())
-    assert low.nbytes() == unet_bytes < normal.nbytes()
+    assert low.nbytes() == 0 < normal.nbytes()
     a = generate(normal, _params())
     b = generate(low, _params())
     _close(a, b)
@@ -75,8 +75,8 @@ def test_a_dropped_tower_gives_its_pages_back(tiny_files, tmp_path) -> None:
 
     path = Path(shutil.copy(tiny_files("sd1"), tmp_path / "own.safetensors"))   # mapped by this test only
     low = load_model(path, low_memory=True)
-    before = _mappings(path)                                    # the UNet's tensors: views of the loader's mmap
-    assert before == 1
+    before = _mappings(path)                                    # nothing of the file is held between uses
+    assert before == 0
     with loaded(*low.parts.text_encoders):
         assert resident(low.parts.text_encoders) == [True]
         assert _mappings(path) == before + 1                    # the tower's own handle on the file
@@ -137,3 +137,49 @@ def test_low_memory_image_inputs_equal_the_normal_run(tiny_files, layout) -> Non
     a, b = generate(load_model(path), p), generate(low, p)
     _close(a, b)
     assert resident([*low.parts.text_encoders, low.parts.vae]) == [False, False]
+
+
+def test_the_unet_is_dropped_before_the_decode(tiny_files, monkeypatch) -> None:
+    """The UNet holds its weights while sampling and none while the VAE decodes: the two peaks never add up."""
+    import sd.pipeline as pl
+
+    low = load_model(tiny_files("sd1"), low_memory=True)
+    seen = {}
+    real_sample, real_decode = pl.sample, pl.decode_latents_info
+    monkeypatch.setattr(pl, "sample", lambda *a, **kw: seen.setdefault("sampling", resident([low.parts.unet]))
+                        and real_sample(*a, **kw))
+    monkeypatch.setattr(pl, "decode_latents_info", lambda m, z: seen.setdefault(
+        "decode", resident([low.parts.unet, low.parts.vae])) and real_decode(m, z))
+    generate(low, _params())
+    assert seen == {"sampling": [True], "decode": [False, False]}
+
+
+def test_hires_and_attention_maps_run_in_low_memory(tiny_files) -> None:
+    """The paths that wrap generate (the hires fix's two passes, the attention recorder's hooks on the UNet's
+    modules) give the normal mode's result: the dropped UNet is the same module objects, refilled for each pass."""
+    from sd.attention_maps import generate_with_maps
+    from sd.hires import Hires, generate_hires
+
+    path = tiny_files("sd1")
+    normal, low = load_model(path), load_model(path, low_memory=True)
+    h = Hires(scale=1.5, steps=2, denoise=0.5, upscaler="Latent")
+    a, b = generate_hires(normal, _params(), h), generate_hires(low, _params(), h)
+    assert a.images[0].size == b.images[0].size == (96, 96)
+    _close(a, b)
+    (ra, ma), (rb, mb) = generate_with_maps(normal, _params()), generate_with_maps(low, _params())
+    _close(ra, rb)
+    assert ma.maps.shape == mb.maps.shape and (ma.maps - mb.maps).abs().max().item() <= 1e-4 * ma.maps.abs().max()
+    assert resident([low.parts.unet, low.parts.vae]) == [False, False]
+
+
+def test_the_refiner_hand_off_runs_in_low_memory(tiny_files) -> None:
+    """Base then refiner, each UNet read for its own steps only: the normal mode's result."""
+    from sd.refiner import generate_with_refiner
+
+    base, ref = tiny_files("sdxl_base"), tiny_files("sdxl_refiner")
+    p = _params()
+    a = generate_with_refiner(load_model(base), load_model(ref), p, switch_at=0.5)
+    lb, lr = load_model(base, low_memory=True), load_model(ref, low_memory=True)
+    b = generate_with_refiner(lb, lr, p, switch_at=0.5)
+    _close(a, b)
+    assert resident([lb.parts.unet, lr.parts.unet]) == [False, False]

@@ -409,6 +409,17 @@ def token_note(prompt: str) -> str:
                                    if chunks > 1 else "")
 
 
+def text_sources(ctx: AppContext):
+    """The TextSources a load passes: None (the cache's own: --t5-device, --keep-text-encoders, ...) unless
+    --bert-vocab is set, then the cache's own with the vocabulary added (LDM text models, sd.ldm_bert.find_vocab)."""
+    from dataclasses import replace
+
+    from sd.text_encoders import TextSources
+
+    bert_vocab = app_extras.extras_of(ctx).bert_vocab
+    return replace(ctx.cache.sources or TextSources(), bert_vocab=str(bert_vocab)) if bert_vocab else None
+
+
 def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel | None]:
     """The request's checkpoint (and refiner), checked against the tab's families."""
     prediction = s.get("prediction") if s.get("prediction") in ("eps", "v") else None
@@ -419,11 +430,8 @@ def _load(ctx: AppContext, tab: str, s: dict) -> tuple[LoadedModel, LoadedModel 
         raise ValueError(f"{path.name} is a {spec.family} checkpoint; {where}")
     vae = (resolve_vae(s.get("vae"), path, ctx.index.root, app_extras.extras_of(ctx).vae_dir)
            if path != ctx.demo_path else None)
-    from sd.text_encoders import TextSources
-
-    bert_vocab = app_extras.extras_of(ctx).bert_vocab   # LDM text models: --bert-vocab (sd.ldm_bert.find_vocab)
-    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae,
-                          **({"sources": TextSources(bert_vocab=str(bert_vocab))} if bert_vocab else {}))
+    sources = text_sources(ctx)
+    model = ctx.cache.get(path, ctx.device, ctx.dtype, prediction, vae=vae, **({"sources": sources} if sources else {}))
     refiner = None
     if s.get("refiner") and s["refiner"] != NO_REFINER:
         if not refiner_of(spec.family):

@@ -194,3 +194,20 @@ def test_download_bert_vocab_without_a_hub_is_one_line(tmp_path: Path, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "google-bert/bert-base-uncased/vocab.txt" in err and "by hand" in err
     assert "text_encoders" in err and not (tmp_path / "m" / "text_encoders" / "vocab.txt").exists()
+
+
+def test_the_app_adds_the_vocabulary_to_the_cache_sources(tmp_path: Path) -> None:
+    """--bert-vocab beside --keep-text-encoders / --t5-device: the load keeps those and adds the vocabulary."""
+    from types import SimpleNamespace
+
+    import app
+    import app_extras
+    from sd.text_encoders import TextSources
+
+    own = TextSources(keep=True, t5_device="cpu")
+    ctx = SimpleNamespace(cache=SimpleNamespace(sources=own), extras=app_extras.Extras())
+    assert app.text_sources(ctx) is None                        # no vocabulary: the cache's own sources
+    ctx.extras = app_extras.Extras(bert_vocab=tmp_path / "vocab.txt")
+    assert app.text_sources(ctx) == TextSources(keep=True, t5_device="cpu", bert_vocab=str(tmp_path / "vocab.txt"))
+    ctx.cache.sources = None
+    assert app.text_sources(ctx) == TextSources(bert_vocab=str(tmp_path / "vocab.txt"))

@@ -2,9 +2,9 @@
 
 For a run this CPU cannot do in useful time (SDXL 1024 in float16: bench/cpu_dtypes.py measures half-precision
 convolutions here at ~0.3 GFLOP/s, hours per step), the low-memory mode's peak is estimated from parts that can be
-measured exactly: the weights that stay loaded (the UNet, counted from the released layout) plus the largest sum of
-live tensors during one forward, counted by a dispatch mode over the same network built on the meta device (every op
-output that is not a view is added when made and taken off when freed). CPU SDPA's fused kernel is not chosen on the
+measured exactly: the weights loaded at the time (the UNet while sampling, the VAE while decoding, counted from the
+released layout) plus the largest sum of live tensors during one forward, counted by a dispatch mode over the same
+network built on the meta device (every op output that is not a view is added when made and taken off when freed). CPU SDPA's fused kernel is not chosen on the
 meta device, so attention is counted with its full (B, heads, T, T) score matrix: an upper bound.
 
     .venv/bin/python bench/meta_peak.py --layout sdxl_base --size 1024 --dtype float16
@@ -93,7 +93,8 @@ def main() -> None:
           f"{unet_peak:.2f}, one {tile}x{tile}-latent decode tile {vae_peak:.2f}")
     print(f"low-memory mode, sampling: UNet + one image's activations = {weights['unet'] + unet_peak:.2f} GiB "
           f"(+ the process: Python, torch, ~0.5 GiB)")
-    print(f"low-memory mode, decode: UNet + VAE + one tile = {weights['unet'] + weights['vae'] + vae_peak:.2f} GiB")
+    print(f"low-memory mode, decode: VAE + one tile = {weights['vae'] + vae_peak:.2f} GiB (the UNet is dropped "
+          f"before the decode)")
     print(f"normal mode: all weights + the pair's activations = {sum(weights.values()) + pair_peak:.2f} GiB")
 
 

@@ -266,6 +266,21 @@ def _decode_or_tiles(vae, z: Tensor, notes: list[str]) -> Tensor:
 
 
 TILE, TILE_OVERLAP = 64, 16  # latent pixels of the out-of-memory tiled decode (512x512 image tiles, as ComfyUI)
+# Bytes a whole (untiled) VAE decode adds per output pixel, per byte of the dtype (float32: 9 KiB): measured on the
+# full-size kl-f8 VAE, 512x512, float32, one thread, no allocator tuning (bench/low_memory.py: the decode added
+# 2311 MiB to the process, ~9.2 KB per pixel, the VAE's 320 MiB of weights and the heap's overhead included).
+DECODE_BYTES_PER_PIXEL_PER_BYTE = 2304
+
+
+def decode_fits_in_unet(model: LoadedModel, z: Tensor) -> bool:
+    """Low memory: whether decoding `z` (B, C, h, w) whole needs no more memory than the UNet gave back before the
+    decode (sd.pipeline.generate drops it first). Then the decode is exact and not slowed by tiles (SDXL 1024 in
+    float32: ~9.0 GiB for the decode against the UNet's 9.6 GiB); otherwise it runs in tiles."""
+    f = model.spec.latent.factor
+    pixels = z.shape[0] * z.shape[2] * f * z.shape[3] * f
+    need = pixels * DECODE_BYTES_PER_PIXEL_PER_BYTE * torch.empty((), dtype=model.dtype).element_size()
+    unet = sum(t.numel() * t.element_size() for t in model.parts.unet.parameters())   # meta or not: its bytes
+    return need <= unet
 
 
 def decode_latents_info(model: LoadedModel, latents: Tensor) -> tuple[list[Image.Image], list[str]]:
@@ -278,8 +293,8 @@ def decode_latents_info(model: LoadedModel, latents: Tensor) -> tuple[list[Image
     notes: list[str] = []
     vae = model.parts.vae
     with torch.no_grad(), loaded(vae):
-        if model.low_memory:   # ComfyUI's tiled decode: one tile's activations at a time (exact for one tile)
-            from .vae import decode_tiled
+        if model.low_memory and not decode_fits_in_unet(model, z):   # ComfyUI's tiled decode: one tile's
+            from .vae import decode_tiled                                # activations at a time (exact for one tile)
 
             x = decode_tiled(vae, z.to(model.device, model.dtype), tile=TILE, overlap=TILE_OVERLAP)
         else:

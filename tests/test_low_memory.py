@@ -183,3 +183,25 @@ def test_the_refiner_hand_off_runs_in_low_memory(tiny_files) -> None:
     b = generate_with_refiner(lb, lr, p, switch_at=0.5)
     _close(a, b)
     assert resident([lb.parts.unet, lr.parts.unet]) == [False, False]
+
+
+def test_the_decode_is_whole_when_it_fits_in_what_the_unet_freed(tiny_files, monkeypatch) -> None:
+    """Low memory decodes whole (exact, no tile cost) when the estimate (pixels x DECODE_BYTES_PER_PIXEL_PER_BYTE x
+    dtype bytes) is at most the dropped UNet's bytes, in tiles otherwise."""
+    import sd.pipeline as pl
+    import sd.vae as vae_mod
+
+    low = load_model(tiny_files("sd1"), low_memory=True)
+    z = torch.zeros(1, 4, 8, 8)
+    unet = sum(t.numel() * t.element_size() for t in low.parts.unet.parameters())
+    per_byte = unet // (64 * 64 * 4)               # the estimate for a 64x64 image equals the UNet's bytes
+    monkeypatch.setattr(pl, "DECODE_BYTES_PER_PIXEL_PER_BYTE", per_byte)
+    assert pl.decode_fits_in_unet(low, z) and not pl.decode_fits_in_unet(low, torch.zeros(2, 4, 8, 8))
+    tiled = []
+    real = vae_mod.decode_tiled
+    monkeypatch.setattr(vae_mod, "decode_tiled", lambda *a, **kw: tiled.append(1) or real(*a, **kw))
+    generate(low, _params())
+    assert tiled == []
+    monkeypatch.setattr(pl, "DECODE_BYTES_PER_PIXEL_PER_BYTE", per_byte + 1)
+    generate(low, _params())
+    assert tiled == [1]

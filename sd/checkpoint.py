@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -42,6 +43,7 @@ class CheckpointError(ValueError):
 class TensorInfo:
     dtype: str            # safetensors dtype name ("F16") or torch dtype name for .ckpt
     shape: tuple[int, ...]
+    offset: int = -1      # .safetensors: the data's absolute byte offset in the file (-1: .ckpt, in memory)
 
 
 # Tensors a loader may skip, each with the reason shown by `inspect`. Patterns match the full key.
@@ -105,13 +107,39 @@ class Checkpoint:
         except Exception as e:  # a damaged data section shows up only here
             raise CheckpointError(f"{self.path.name}: cannot read tensor {key!r} ({e}); the file is damaged, download it again") from None
 
+    def get_as(self, key: str, dtype: torch.dtype) -> Tensor:
+        """The tensor in `dtype` when both it and the stored dtype are floating (others as stored). A .safetensors
+        tensor stored in another dtype is read from the file into a buffer of its own and cast from there: the
+        file's mapped pages never sit beside the cast copy (an SDXL float16 UNet into float32: 4.8 GiB less at the
+        peak of the load). The same dtype: the mmap view itself, no copy."""
+        info = self.infos[key]
+        stored = SAFETENSORS_DTYPES.get(info.dtype) if self._tensors is None else None
+        if stored is None or stored == dtype or not (stored.is_floating_point and dtype.is_floating_point):
+            t = self.get(key)
+            return t.to(dtype) if t.is_floating_point() and dtype.is_floating_point else t
+        nbytes = math.prod(info.shape) * stored.itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(info.offset)
+                got = f.readinto(memoryview(buf.numpy()))
+        except OSError as e:
+            raise CheckpointError(f"{self.path.name}: cannot read tensor {key!r} ({e.strerror or e}); check the "
+                                  "disk and the file") from None
+        if got != nbytes:
+            raise CheckpointError(f"{self.path.name}: tensor {key!r} is cut short ({got} of {nbytes} bytes): the file "
+                                  "changed or is truncated, download it again")
+        return buf.view(stored).reshape(info.shape).to(dtype)
+
     def close(self) -> None:
         """Let go of the file's mapping (reopened by the next `get`); tensors read before keep what they map."""
         self._safe = None
 
-    def tensors(self, prefix: str) -> dict[str, Tensor]:
-        """All tensors under `prefix`, with the prefix stripped."""
-        return {k[len(prefix):]: self.get(k) for k in self.infos if k.startswith(prefix)}
+    def tensors(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """All tensors under `prefix`, with the prefix stripped; floating ones in `dtype` if given (get_as)."""
+        if dtype is None:
+            return {k[len(prefix):]: self.get(k) for k in self.infos if k.startswith(prefix)}
+        return {k[len(prefix):]: self.get_as(k, dtype) for k in self.infos if k.startswith(prefix)}
 
 
 # Limits of a checkpoint header. Every check below is O(1) per tensor, so with these caps the header of any file
@@ -240,7 +268,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         dtype, shape, begin, end = _check_tensor(path, name, entry)
-        infos[name] = TensorInfo(dtype, shape)
+        infos[name] = TensorInfo(dtype, shape, 8 + n + begin)
         spans.append((begin, end, name))
     spans.sort()
     pos = 0  # safetensors packs tensors back to back from offset 0 (safe_open refuses gaps and overlaps)

@@ -192,7 +192,7 @@ def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float
     `net`: the network already built on the meta device, loaded into."""
     fam = _family_of(spec)
     ema = ema_unet_names(ckpt) if fam is not None and fam.unet_ema else None
-    tensors = {k: ckpt.get(e) for k, e in ema.items()} if ema else ckpt.tensors(UNET)
+    tensors = {k: ckpt.get_as(e, dtype) for k, e in ema.items()} if ema else ckpt.tensors(UNET, dtype)
     return _load(net or build_network(spec, device="meta"), tensors, "UNet" if spec.network == "unet" else
                  spec.network.upper(), device, dtype)
 
@@ -209,7 +209,7 @@ def _text_tower(ckpt: Checkpoint, cfg, device, dtype, meta: bool = False) -> nn.
     copy in between. `meta`: the shapes only, nothing read (a low-memory tower before its first use)."""
     enc = build_text_encoder(cfg, device="meta", dtype=dtype)
     if not meta:
-        load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix), cfg)
+        load_text_encoder_weights(enc, ckpt.tensors(cfg.prefix, dtype), cfg)
     return enc.to(device="meta" if meta else device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -219,7 +219,8 @@ def _first_stage(ckpt: Checkpoint, spec: ModelSpec, device, dtype, meta: bool = 
     module = module or build_first_stage(spec.vae, device="meta")
     if meta:
         return module.to(dtype=dtype).eval().requires_grad_(False)
-    tensors = {k: v for k, v in ckpt.tensors(VAE).items() if not k.startswith("loss.")}
+    tensors = {k[len(VAE):]: ckpt.get_as(k, dtype) for k in ckpt.infos   # not the training loss's LPIPS / discriminator
+               if k.startswith(VAE) and not k.startswith(VAE + "loss.")}
     return _load(module, tensors, "VAE", device, dtype)
 
 

@@ -84,3 +84,50 @@ def test_float16_file_into_bfloat16_models_casts_once_without_float32(fp16_file)
     emb = tower.text_model.embeddings.token_embedding.weight
     key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
     assert emb.dtype == torch.bfloat16 and torch.equal(emb, ckpt.get(key).to(torch.bfloat16))
+
+
+class _CastSources(TorchDispatchMode):
+    """For every real float16 -> float32 aten._to_copy: whether its input lies in a mapping of `path` right then."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.from_map = path, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and not args[0].is_meta
+                and (args[0].dtype, out.dtype) == (torch.float16, torch.float32)):
+            ptr = args[0].data_ptr()
+            self.from_map.append(any(lo <= ptr < hi for lo, hi in _mapped_ranges(self.path)))
+        return out
+
+
+def test_float16_file_into_float32_models_casts_from_its_own_reads(fp16_file) -> None:
+    """float16 -> float32 (SDXL's files on a CPU): each tensor is read into a buffer of its own and cast from there,
+    never from the file's mmap, so the mapped float16 pages do not sit beside the float32 copy; values exact."""
+    with _CastSources(fp16_file) as mode:
+        model = load_model(fp16_file, dtype="float32")
+    weights = _weights(model)
+    assert len(mode.from_map) >= len(weights) > 100 and not any(mode.from_map)
+    ckpt = open_checkpoint(fp16_file)
+    for name in ("input_blocks.0.0.weight", "out.2.weight"):
+        want = ckpt.get("model.diffusion_model." + name).float()
+        assert torch.equal(model.parts.unet.get_parameter(name), want)
+    vae = model.parts.vae.get_parameter("decoder.conv_out.weight")
+    assert vae.dtype == torch.float32 and torch.equal(vae, ckpt.get("first_stage_model.decoder.conv_out.weight").float())
+
+
+def test_a_file_cut_short_after_opening_is_one_line(fp16_file, tmp_path) -> None:
+    import shutil
+
+    from sd.checkpoint import CheckpointError
+
+    path = shutil.copy(fp16_file, tmp_path / "cut.safetensors")
+    ckpt = open_checkpoint(path)
+    key = max(ckpt.infos, key=lambda k: ckpt.infos[k].offset)   # the last tensor in the file
+    with open(path, "r+b") as f:
+        f.truncate(ckpt.infos[key].offset + 2)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.get_as(key, torch.float32)
+    msg = str(e.value)
+    assert msg.startswith("cut.safetensors: tensor ") and "is cut short (2 of " in msg and len(msg.splitlines()) == 1

@@ -74,10 +74,10 @@ def expected_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]] | None 
     networks to read ("unet", "vae"; load_components builds each once and then loads into it)."""
     built = built or {}
     out: dict[str, dict[str, tuple[int, ...]]] = {}
-    unet = built.get("unet") or build_network(spec, device="meta")
+    unet = built["unet"] if "unet" in built else build_network(spec, device="meta")
     out[spec.network] = {UNET + k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if spec.vae is not None:
-        vae = built.get("vae") or build_first_stage(spec.vae, device="meta")   # AutoencoderKL, or VQModel (VQConfig)
+        vae = built["vae"] if "vae" in built else build_first_stage(spec.vae, device="meta")   # KL, or VQModel
         out["vae"] = {VAE + k: tuple(v.shape) for k, v in vae.state_dict().items()}
     for i, cfg in enumerate(spec.text_encoders):
         out[f"text{i}"] = {cfg.prefix + k: tuple(s) for k, s in text_expected_keys(cfg).items()}
@@ -193,7 +193,7 @@ def load_unet(ckpt: Checkpoint, spec: ModelSpec, device="cpu", dtype=torch.float
     fam = _family_of(spec)
     ema = ema_unet_names(ckpt) if fam is not None and fam.unet_ema else None
     tensors = {k: ckpt.get_as(e, dtype) for k, e in ema.items()} if ema else ckpt.tensors(UNET, dtype)
-    return _load(net or build_network(spec, device="meta"), tensors, "UNet" if spec.network == "unet" else
+    return _load(build_network(spec, device="meta") if net is None else net, tensors, "UNet" if spec.network == "unet" else
                  spec.network.upper(), device, dtype)
 
 
@@ -216,7 +216,7 @@ def _text_tower(ckpt: Checkpoint, cfg, device, dtype, meta: bool = False) -> nn.
 def _first_stage(ckpt: Checkpoint, spec: ModelSpec, device, dtype, meta: bool = False,
                  module: nn.Module | None = None) -> nn.Module:
     """The VAE / VQ first stage with the file's tensors (`meta`: shapes only; `module`: already built on meta)."""
-    module = module or build_first_stage(spec.vae, device="meta")
+    module = build_first_stage(spec.vae, device="meta") if module is None else module
     if meta:
         return module.to(dtype=dtype).eval().requires_grad_(False)
     tensors = {k[len(VAE):]: ckpt.get_as(k, dtype) for k in ckpt.infos   # not the training loss's LPIPS / discriminator

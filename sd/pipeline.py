@@ -415,16 +415,22 @@ def one_by_one(net):
 
 
 def network_net(model: LoadedModel):
-    """The loaded network as net(x_in, t, crossattn, vector, ...) in the SGM conditioner's language."""
-    from .text_encoders import resident
-
-    if not resident([model.parts.unet])[0]:   # a low-memory model's UNet holds weights only inside loaded()
-        raise RuntimeError("the UNet is not loaded: run the sampling inside `with loaded(model.parts.unet):`")
+    """The network as net(x_in, t, crossattn, vector, ...) in the SGM conditioner's language. A low-memory model's
+    UNet holds weights only inside `loaded(model.parts.unet)`: a call outside is refused in one line."""
+    unet = model.parts.unet
     if model.spec.network == "mmdit":
         from .mmdit import mmdit_net
 
-        return mmdit_net(model.parts.unet)
-    return sgm_net(model.parts.unet)
+        net = mmdit_net(unet)
+    else:
+        net = sgm_net(unet)
+
+    def run(*args, **kw) -> Tensor:
+        if next(unet.parameters()).is_meta:   # looked up per call: loading and dropping replace the parameters
+            raise RuntimeError("the UNet is not loaded: run the sampling inside `with loaded(model.parts.unet):`")
+        return net(*args, **kw)
+
+    return run
 
 
 def sampling_sigmas(model: LoadedModel, p: GenerateParams) -> Tensor:
@@ -577,19 +583,19 @@ def generate(model: LoadedModel, p: GenerateParams, callback: Callable[[dict], N
     check_params(model.spec, p)
     p, shown = family_prepare(model, p)   # the family's own inputs from its parts (depth: the MiDaS estimate)
     g = image_generators(p)                           # one per image, seed s + i (A1111's ImageRNG)
+    guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
+    x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
     done = {"n": 0}
-    with loaded(model.parts.unet):   # low memory: the UNet read for the sampling, dropped before the decode
-        guided = guided_denoiser(model, p, generator=g)   # draws first (the family's input side)
-        x, sigmas = start_latent(model, p, generator=g)   # then the starting noise
 
-        def on_step(info: dict) -> None:
-            done["n"] = info["step"] + 1
-            if callback is not None:   # the first step also reports the starting latent (sd.trajectory: x_t, step 0)
-                callback(info if info["step"] else {**info, "x_in": x})
+    def on_step(info: dict) -> None:
+        done["n"] = info["step"] + 1
+        if callback is not None:   # the first step also reports the starting latent (sd.trajectory's x_t of step 0)
+            callback(info if info["step"] else {**info, "x_in": x})
 
-        gen = step_generators(p)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
-        latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_step, stop=stop,
-                         eta=p.eta, flow=model.spec.prediction == "flow")
+    gen = step_generators(p)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
+    with loaded(model.parts.unet):   # low memory: the UNet read after the text towers are gone, dropped before
+        latents = sample(p.sampler, guided, x, sigmas.to(model.device), generator=gen,  # the decode
+                         callback=on_step, stop=stop, eta=p.eta, flow=model.spec.prediction == "flow")
     stopped = done["n"] < len(sigmas) - 1
     images, notes = decode_latents_info(model, latents)
     fam = model.family

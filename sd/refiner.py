@@ -57,8 +57,9 @@ def generate_with_refiner(base: LoadedModel, refiner: LoadedModel, p: GeneratePa
                 start = {"x_in": x} if offset + info["step"] == 0 else {}
                 callback({**info, "step": offset + info["step"], "total": total, "model": name, **start})
 
-        with loaded(model.parts.unet):   # low memory: each stage's UNet read for its steps only
-            x = sample(p.sampler, guided_denoiser(model, p), x.to(model.device, model.dtype), part.to(model.device),
+        guided = guided_denoiser(model, p)
+        with loaded(model.parts.unet):   # low memory: each stage's UNet read for its steps only, after its text
+            x = sample(p.sampler, guided, x.to(model.device, model.dtype), part.to(model.device),
                        generator=gen, callback=on_step, stop=stop, eta=p.eta)
         last = model
     images = decode_latents(last, x)

@@ -140,18 +140,21 @@ def test_low_memory_image_inputs_equal_the_normal_run(tiny_files, layout) -> Non
 
 
 def test_the_unet_is_dropped_before_the_decode(tiny_files, monkeypatch) -> None:
-    """The UNet holds its weights while sampling and none while the VAE decodes: the two peaks never add up."""
+    """The UNet holds its weights while sampling and none while the text towers encode or the VAE decodes: the
+    peaks never add up."""
     import sd.pipeline as pl
 
     low = load_model(tiny_files("sd1"), low_memory=True)
     seen = {}
-    real_sample, real_decode = pl.sample, pl.decode_latents_info
+    real_sample, real_decode, real_guided = pl.sample, pl.decode_latents_info, pl.guided_denoiser
+    monkeypatch.setattr(pl, "guided_denoiser", lambda *a, **kw: seen.setdefault(
+        "text", resident([low.parts.unet])) and real_guided(*a, **kw))
     monkeypatch.setattr(pl, "sample", lambda *a, **kw: seen.setdefault("sampling", resident([low.parts.unet]))
                         and real_sample(*a, **kw))
     monkeypatch.setattr(pl, "decode_latents_info", lambda m, z: seen.setdefault(
         "decode", resident([low.parts.unet, low.parts.vae])) and real_decode(m, z))
     generate(low, _params())
-    assert seen == {"sampling": [True], "decode": [False, False]}
+    assert seen == {"text": [False], "sampling": [True], "decode": [False, False]}
 
 
 def test_hires_and_attention_maps_run_in_low_memory(tiny_files) -> None:
@@ -205,3 +208,16 @@ def test_the_decode_is_whole_when_it_fits_in_what_the_unet_freed(tiny_files, mon
     monkeypatch.setattr(pl, "DECODE_BYTES_PER_PIXEL_PER_BYTE", per_byte + 1)
     generate(low, _params())
     assert tiled == [1]
+
+
+def test_a_dropped_unet_is_refused_in_one_line(tiny_files) -> None:
+    """A sampling run outside `loaded(model.parts.unet)` (a code path that forgot it) says so, not a meta-tensor error."""
+    from sd.pipeline import network_net
+
+    low = load_model(tiny_files("sd1"), low_memory=True)
+    net = network_net(low)                                       # built while dropped: fine, only calls need weights
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), torch.zeros(1, 77, low.spec.unet.context_dim)
+    with pytest.raises(RuntimeError, match=r"^the UNet is not loaded: run the sampling inside `with loaded"):
+        net(x, t, crossattn=ctx)
+    with loaded(low.parts.unet):
+        assert net(x, t, crossattn=ctx).shape == (1, 4, 8, 8)

@@ -179,6 +179,10 @@ def generate_hires(model: LoadedModel, p: GenerateParams, h: Hires, callback: Ca
         z = torch.cat([encode_image(model, img, to_x, to_y) for img in images])       # (B, C, to_y/f, to_x/f)
     z = _crop(z, crop_x // f, crop_y // f)                                             # (B, C, q.height/f, q.width/f)
     g = image_generators(q)                          # A1111: a fresh ImageRNG over the images' seeds (s + i)
+    guided = guided_denoiser(model, q, generator=g)  # the family's input-side draw first, as generate does
+    noise = torch.cat([torch.randn((1, *z.shape[1:]), generator=gi, dtype=torch.float32) for gi in g])  # (B, C, h, w)
+    sigmas = second_pass_sigmas(model, q, n, h.denoise)                                 # (n + 1,)
+    x = noised(model.spec.prediction, z, noise, sigmas[0]).to(model.device, model.dtype)
     done = {"n": 0}
 
     def on_second(info: dict) -> None:
@@ -186,10 +190,6 @@ def generate_hires(model: LoadedModel, p: GenerateParams, h: Hires, callback: Ca
         if callback is not None:
             callback({**info, "step": p.steps + info["step"], "total": total, "pass": 2})
 
-    guided = guided_denoiser(model, q, generator=g)  # the family's input-side draw first, as generate does
-    noise = torch.cat([torch.randn((1, *z.shape[1:]), generator=gi, dtype=torch.float32) for gi in g])  # (B, C, h, w)
-    sigmas = second_pass_sigmas(model, q, n, h.denoise)                                 # (n + 1,)
-    x = noised(model.spec.prediction, z, noise, sigmas[0]).to(model.device, model.dtype)
     gen = step_generators(q)   # per-step noise of ancestral samplers, image by image (seed s + i + 1)
     with loaded(model.parts.unet):   # low memory: the UNet read for this pass only, dropped before the decode
         latents = sample(q.sampler, guided, x, sigmas.to(model.device), generator=gen, callback=on_second, stop=stop,

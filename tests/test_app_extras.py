@@ -4,7 +4,7 @@ the extra-networks listing (fits from keys, previews, the inserted text), old AP
 and a LoRA from --loras-dir."""
 from __future__ import annotations
 
-import shutil
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +29,7 @@ def ctx(tiny_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("install")
     models = root / "models"
     (models / "loras").mkdir(parents=True)
-    shutil.copyfile(tiny_files("sd1"), models / "sd1.safetensors")
+    os.link(tiny_files("sd1"), models / "sd1.safetensors")
     (root / "styles.csv").write_text('name,prompt,negative_prompt\nneon,"neon {prompt}",dark\nsharp,sharp,\n')
     demo = app.build_app(models, device="cpu", cache=ModelCache(), outputs_dir=root / "out")
     return demo.sd_context
@@ -139,7 +139,7 @@ def test_x4_upscaler_checkpoint_as_hires_upscaler(ctx, tiny_files):
     from sd.pipeline import GenerateParams, generate
 
     x4_path = ctx.index.root / "x4.safetensors"
-    shutil.copyfile(tiny_files("sd2_x4_upscaler"), x4_path)
+    os.link(tiny_files("sd2_x4_upscaler"), x4_path)
     x4 = ctx.cache.get(x4_path)
     pre = {**ctx.presets["sd2-x4-upscaler"], "steps": 1}          # its 50 steps are the slow part of a CPU test
     c = replace(ctx, presets={**ctx.presets, "sd2-x4-upscaler": pre})

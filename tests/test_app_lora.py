@@ -3,7 +3,7 @@ LoRA listing, changes the image, and the infotext carries `Lora hashes`; a name 
 tabs' VAE dropdown and the CLI's `--loras-dir` / `--vae FILE|Automatic|None`."""
 from __future__ import annotations
 
-import shutil
+import os
 import threading
 
 import numpy as np
@@ -23,7 +23,7 @@ from .test_lora import _lora_for
 def test_lora_tag_in_the_app(tiny_files, tmp_path):
     models = tmp_path / "models"
     (models / "loras").mkdir(parents=True)
-    shutil.copyfile(tiny_files("sd1"), models / "sd1.safetensors")
+    os.link(tiny_files("sd1"), models / "sd1.safetensors")
     model = load_model(models / "sd1.safetensors")
     names = {n for n, m in model.parts.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     _lora_for(model, models / "loras" / "styleA.safetensors", 10, names)
@@ -47,7 +47,7 @@ def test_lora_tag_in_the_app(tiny_files, tmp_path):
 
 def test_lora_and_vae_flags_on_the_cli(tiny_files, tmp_path, capsys):
     ckpt = tmp_path / "sd1.safetensors"
-    shutil.copyfile(tiny_files("sd1"), ckpt)
+    os.link(tiny_files("sd1"), ckpt)
     model = load_model(ckpt)
     names = {n for n, m in model.parts.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     (tmp_path / "loras").mkdir()
@@ -74,7 +74,7 @@ def test_vae_choice_in_the_app(tiny_files, tmp_path):
 
     models = tmp_path / "models"
     (models / "VAE").mkdir(parents=True)
-    shutil.copyfile(tiny_files("sd1"), models / "sd1.safetensors")
+    os.link(tiny_files("sd1"), models / "sd1.safetensors")
     vae = {k[len("first_stage_model."):]: v for k, v in load_file(str(models / "sd1.safetensors")).items()
            if k.startswith("first_stage_model.")}
     vae["decoder.conv_out.bias"] = vae["decoder.conv_out.bias"] + 0.3          # a different decoder

@@ -7,10 +7,8 @@ driven with gradio_client as a remote client would; the pieces behind it are als
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,10 +29,10 @@ def world(tiny_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     models, outside, outputs = root / "models", root / "elsewhere", root / "outputs"
     models.mkdir(), outside.mkdir()
-    shutil.copyfile(tiny_files("sd1"), models / "sd1.safetensors")
-    shutil.copyfile(tiny_files("sd1"), outside / "x.safetensors")
+    os.link(tiny_files("sd1"), models / "sd1.safetensors")
+    os.link(tiny_files("sd1"), outside / "x.safetensors")
     os.symlink(outside / "x.safetensors", models / "linked.safetensors")
-    shutil.copyfile(tiny_files("sdxl_base"), models / "xl.safetensors")
+    os.link(tiny_files("sdxl_base"), models / "xl.safetensors")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -278,7 +278,10 @@ def test_cfg_1_never_evaluates_the_unconditional_branch(files, monkeypatch) -> N
 
 
 def test_class_labels() -> None:
-    names = imagenet_classes()
+    from torchvision.models import ResNet50_Weights
+
+    names = imagenet_classes()   # read from torchvision's file without importing it: the same list as its metadata
+    assert names == tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     assert len(names) == 1000 and names[207] == "golden retriever" and names[88] == "macaw"
     assert [class_index(v) for v in (0, "999", "207: golden retriever", "Golden Retriever", 88.0)] == [0, 999, 207,
                                                                                                        207, 88]

@@ -29,9 +29,12 @@ quantize to the nearest code, post_quant_conv, decoder (sd.vq.VQModel.decode).
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
 import math
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -174,7 +177,17 @@ def file_scale(ckpt, latent: LatentFormat) -> tuple[LatentFormat, str]:
 
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in index order, from torchvision's bundled weight metadata (offline)."""
+    """The 1000 ImageNet-1k class names in index order, from torchvision's bundled weight metadata (offline): the
+    `_IMAGENET_CATEGORIES` literal of torchvision/models/_meta.py, read as data without importing torchvision, whose
+    import pulls in torch._dynamo (2 s of the app's start); the import is the fallback if that file changes shape."""
+    spec = importlib.util.find_spec("torchvision")
+    meta = Path(spec.origin).parent / "models" / "_meta.py" if spec and spec.origin else None
+    if meta is not None and meta.is_file():
+        for node in ast.parse(meta.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_IMAGENET_CATEGORIES"]:
+                names = tuple(ast.literal_eval(node.value))
+                if len(names) == 1000:
+                    return names
     from torchvision.models import ResNet50_Weights
 
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError, open_checkpoint
 from .config import ModelSpec
 from .detect import detect
 from .families import tab_of
+from .text_encoders import FOLDER_NAMES as TEXT_FOLDERS
 
 SUFFIXES = (".safetensors", ".ckpt")
 # Sub-folders of known UIs that hold full checkpoints (A1111, ComfyUI; also when given the folder above models/).
@@ -59,15 +60,21 @@ class Entry:
 
 
 def checkpoint_files(root: Path) -> list[Path]:
-    """Every .safetensors/.ckpt file the app should list, sorted by path (hidden files and folders skipped)."""
+    """Every .safetensors/.ckpt file the app should list, sorted by path (hidden files and folders skipped). A folder
+    with none of the known checkpoint sub-folders is listed whole, except its LoRA / embedding / VAE sub-folders
+    (`extra_files` lists those) and its text-encoder ones (SD3's clip_l / t5xxl files): they are not checkpoints,
+    so the banner does not call them unusable."""
     if not root.is_dir():
         return []
     subs = [root / s for s in KNOWN_SUBFOLDERS if (root / s).is_dir()]
     found = [p for p in root.iterdir() if p.is_file()] if subs else []
     for folder in subs or [root]:
         found += [p for p in folder.rglob("*") if p.is_file()]
+    others = ({s for folders, _ in EXTRA_FOLDERS.values() for s in folders if "/" not in s} | set(TEXT_FOLDERS)
+              if not subs else set())
     files = {p.resolve(): p for p in found
-             if p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+             if p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+             and p.relative_to(root).parts[0] not in others}
     return sorted(files.values())
 
 

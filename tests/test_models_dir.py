@@ -64,6 +64,35 @@ def test_fifty_files_list_from_the_cache(tmp_path, tiny_files):
     assert index.header_reads == 51
 
 
+def test_flat_folder_leaves_lora_embedding_and_vae_folders_to_their_own_lists(tmp_path, tiny_files):
+    """A flat models folder (no A1111 / ComfyUI checkpoint sub-folder) is listed whole, its loras/ vae/ embeddings/
+    (and A1111's Lora/ VAE/) sub-folders and SD3's text-encoder folders (text_encoders/, ComfyUI's clip/) excepted: those files are not checkpoints, they are listed by their kind,
+    so the banner does not call them unusable; a checkpoint in any other sub-folder is still listed."""
+    from safetensors.torch import save_file
+
+    from sd.models_dir import extra_files
+
+    (tmp_path / "sub").mkdir()
+    os.link(tiny_files("sd1"), tmp_path / "sd1.safetensors")
+    os.link(tiny_files("sd1"), tmp_path / "sub" / "two.safetensors")
+    for folder, name in (("loras", "style.safetensors"), ("Lora", "old.safetensors"), ("vae", "v.safetensors"),
+                         ("VAE", "w.safetensors"), ("embeddings", "e.safetensors"),
+                         ("text_encoders", "clip_l.safetensors"), ("clip", "t5xxl_fp16.safetensors")):
+        (tmp_path / folder).mkdir()
+        save_file({"x": torch.zeros(2)}, str(tmp_path / folder / name))
+    assert [p.relative_to(tmp_path).as_posix() for p in checkpoint_files(tmp_path)] == ["sd1.safetensors",
+                                                                                        "sub/two.safetensors"]
+    assert sorted(extra_files("LoRA", tmp_path)) == ["old.safetensors", "style.safetensors"]
+    assert sorted(extra_files("VAE", tmp_path)) == ["v.safetensors", "w.safetensors"]
+    assert sorted(extra_files("embedding", tmp_path)) == ["e.safetensors"]
+    entries = ModelIndex(tmp_path).scan()
+    assert "unusable" not in by_tab(entries)     # what app.banner lists as "Not listed"
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        ModelIndex(tmp_path).resolve("loras/style.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")   # a bad file in the folder itself still shows
+    assert [e.name for e in by_tab(ModelIndex(tmp_path).scan())["unusable"]] == ["junk.safetensors"]
+
+
 def test_ckpt_is_detected_on_selection_and_bad_files_are_reported(tmp_path, tiny_files):
     os.link(tiny_files("sd1", ".ckpt"), tmp_path / "old.ckpt")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")

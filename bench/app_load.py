@@ -64,8 +64,9 @@ def start_app(models_dir: Path, outputs_dir: Path, concurrency: int = 2):
     demo = app.build_app(models_dir, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs_dir,
                          demo_path=None, concurrency=concurrency)
     port = free_port()
+    # _frontend=False: no start-up HEAD probe of the page, which a loaded machine can miss (tests/serving.py)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs_dir)])
+                allowed_paths=[str(outputs_dir)], _frontend=False)
     return f"http://127.0.0.1:{port}/", demo
 
 

@@ -9,7 +9,6 @@ next run works; the app serves its page quickly with an empty models folder; the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,13 +26,9 @@ from sd.pipeline import GenerateParams, ModelCache, generate, load_model
 from sd.pnginfo import parse_parameters, to_settings
 from sd.refiner import generate_with_refiner, switch_index
 
+from .serving import free_port, serving
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +41,8 @@ def server(tiny_files, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs,
                          concurrency=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/", outputs, demo
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield url, outputs, demo
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ the engine's `round_trip`, codebook usage equals the distinct indices of the cod
 the models-folder listing, and a first stage that cannot take the image reports one line in its row."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import gradio as gr
@@ -20,6 +18,7 @@ from sd.first_stage import load_first_stage, round_trip
 from sd.models_dir import ModelIndex
 from sd.pipeline import ModelCache
 
+from .serving import serving
 from .tiny import write_tiny
 from .tiny_first_stage import sample_image, write_tiny_first_stage
 
@@ -38,14 +37,10 @@ def view(tmp_path_factory):
     with gr.Blocks() as demo:
         build_first_stage_view(ctx)
     demo.queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     from gradio_client import Client
 
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), ctx, models
-    demo.close()
+    with serving(demo) as url:
+        yield Client(url, verbose=False), ctx, models
 
 
 def test_listing_has_the_first_stages_only(view) -> None:

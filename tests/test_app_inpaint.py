@@ -17,7 +17,7 @@ import app
 from sd.pipeline import ModelCache
 from sd.pnginfo import parse_parameters, to_settings
 
-from .test_app import free_port
+from .serving import serving
 
 W = H = 64
 
@@ -47,13 +47,10 @@ def world(tiny_files, tmp_path_factory):
     picture().save(root / "image.png")
     square_mask().save(root / "mask.png")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
     from gradio_client import Client
 
-    yield dict(root=root, outputs=outputs, demo=demo, client=Client(f"http://127.0.0.1:{port}/", verbose=False))
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield dict(root=root, outputs=outputs, demo=demo, client=Client(url, verbose=False))
 
 
 def run(world, **kw):

@@ -4,7 +4,6 @@ gives, the class given as an ImageNet name (the class input is a dropdown of the
 BERT vocabulary found in the models folder's text_encoders/; a class label outside 0..999 is a one-line error."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 import app
 from sd.pipeline import GenerateParams, ModelCache, generate, load_model
 
+from .serving import serving
 from .test_ldm_text import write_txt2img, write_vocab
 from .tiny import write_tiny
 
@@ -29,14 +29,10 @@ def client(tmp_path_factory):
     write_vocab(models / "text_encoders" / "vocab.txt")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), demo_path=None,
                          outputs_dir=tmp_path_factory.mktemp("out"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     from gradio_client import Client
 
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), models
-    demo.close()
+    with serving(demo) as url:
+        yield Client(url, verbose=False), models
 
 
 RUN = dict(prompt="", negative_prompt="", sampler="DDIM", schedule="DDIM", steps=2, seed=11, width=64, height=64,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import app
 from sd.pipeline import ModelCache
 
+from .serving import serving
 from .tiny_sd3 import write_tiny_sd3, write_tiny_spiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +44,8 @@ def url(tiny_files, tmp_path_factory):
 
 def serve(demo, outputs):
     """Launch a built app on a free local port for a browser test; yields its URL and closes it after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield url
 
 @contextmanager
 def browser_page(url: str, height: int):

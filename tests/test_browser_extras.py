@@ -7,7 +7,6 @@ Reuses tests/test_browser.py's chromium page and generate-and-wait helpers; the 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 from PIL import Image
@@ -16,6 +15,7 @@ from torch import nn
 import app
 from sd.pipeline import ModelCache, load_model
 
+from .serving import serving
 from .test_browser import ARTIFACTS, browser_page, generate, set_number
 from .test_lora import _lora_for
 
@@ -34,15 +34,8 @@ def url(tiny_files, tmp_path_factory):
     outputs = root / "outputs"
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs,
                          demo_path=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # _frontend=False skips launch's 3-second HEAD probe of the page, which a loaded machine (the page is a
-    # 1.7 MB config of every tab) can miss and then refuses to start ("localhost is not accessible")
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)], _frontend=False)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield url
 
 
 def test_picker_style_and_hires_in_chromium(url):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 import app
 from sd.pipeline import ModelCache
 
+from .serving import serving
 from .test_browser import ARTIFACTS, browser_page
 from .tiny_first_stage import sample_image, write_tiny_first_stage
 
@@ -30,12 +30,8 @@ def served(tmp_path_factory):
         write_tiny_first_stage(layout, models / name)
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), demo_path=None,
                          outputs_dir=tmp_path_factory.mktemp("fs-out"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", models
-    demo.close()
+    with serving(demo) as url:
+        yield url, models
 
 
 def _cli(models: Path, name: str, image: Path, out: Path, capsys) -> dict:

@@ -4,7 +4,6 @@ text_encoders/) opens with the turbo preset preselected (4 steps, CFG 1, said in
 in the dropdown sets 50 steps and CFG 5; the size sliders step by 16."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 from safetensors.torch import save_file
@@ -13,6 +12,7 @@ import app
 from sd.pipeline import ModelCache
 from sd.sd3_text import CLIP_G_PREFIX, CLIP_L_PREFIX
 
+from .serving import serving
 from .test_browser import browser_page
 from .tiny_sd3 import tiny_mmdit_tensors, tiny_text_tensors, tiny_vae_tensors
 
@@ -29,12 +29,8 @@ def url(tmp_path_factory):
                   str(models / "text_encoders" / f"{name}.safetensors"))
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), demo_path=None,
                          outputs_dir=tmp_path_factory.mktemp("browser-sd3-out"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving(demo) as url:
+        yield url
 
 
 def test_preset_dropdown_in_chromium(url):

@@ -37,7 +37,7 @@ from sd.pnginfo import read_parameters, save_png
 from sd.unet import UNetModel
 from sd.vae import AutoencoderKL, _ramp_weights, _tile_starts, decode_tiled
 
-from .test_app import free_port
+from .serving import serving
 from .tiny import write_tiny
 
 
@@ -314,12 +314,8 @@ def fault_app(tiny_files, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("fault-outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs,
                          demo_path=None, concurrency=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    url = f"http://127.0.0.1:{port}/"
-    yield Client(url, verbose=False, ssl_verify=False), demo.sd_context, models, outputs, url
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield Client(url, verbose=False, ssl_verify=False), demo.sd_context, models, outputs, url
 
 
 def pixels(result) -> np.ndarray:

@@ -185,23 +185,18 @@ def test_cli_grid_writes_the_grid_and_each_cell_with_its_infotext(tmp_path, caps
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """The app on an empty models folder (the demo model only), driven through gradio_client."""
-    import socket
-
     from gradio_client import Client
 
     import app
     from sd.pipeline import ModelCache
 
+    from .serving import serving
+
     outputs = tmp_path_factory.mktemp("grid-outputs")
     demo = app.build_app(tmp_path_factory.mktemp("grid-models"), device="cpu", dtype="float32", cache=ModelCache(),
                          outputs_dir=outputs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield Client(url, verbose=False)
 
 
 FORM = dict(prompt=PROMPT, negative_prompt="", sampler="Euler", schedule="Normal", steps=2, cfg=5.0, seed=3)

@@ -19,7 +19,8 @@ from sd.models_dir import ModelIndex, NotInModelsFolder
 from sd.pipeline import ModelCache
 from sd.pnginfo import parse_parameters, to_settings
 
-from .test_app import SD1, free_port
+from .serving import serving
+from .test_app import SD1
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,10 @@ def world(tiny_files, tmp_path_factory):
     os.symlink(outside / "x.safetensors", models / "linked.safetensors")
     os.link(tiny_files("sdxl_base"), models / "xl.safetensors")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)], max_file_size="64kb")
     from gradio_client import Client
 
-    yield dict(models=models, outside=outside, outputs=outputs, demo=demo,
-               client=Client(f"http://127.0.0.1:{port}/", verbose=False))
-    demo.close()
+    with serving(demo, outputs, max_file_size="64kb") as url:
+        yield dict(models=models, outside=outside, outputs=outputs, demo=demo, client=Client(url, verbose=False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,10 +122,8 @@ def test_queue_is_bounded(tiny_files, tmp_path):
 
     demo = app.build_app(tmp_path, device="cpu", cache=ModelCache(), outputs_dir=tmp_path / "out", concurrency=1,
                          queue_size=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(6)]
+    with serving(demo) as url:
+        clients = [Client(url, verbose=False) for _ in range(6)]
         jobs = [c.submit(prompt="a red circle", steps=60, seed=i, api_name="/generate_sd1")
                 for i, c in enumerate(clients)]
         outcomes = []
@@ -141,8 +136,6 @@ def test_queue_is_bounded(tiny_files, tmp_path):
         refused = [o for o in outcomes if o != "ok"]
         assert 1 <= outcomes.count("ok") <= 3 and len(refused) >= 3, outcomes
         assert all("Queue is full" in o for o in refused), refused
-    finally:
-        demo.close()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sd.loader import account_keys
 from sd.pipeline import GenerateParams, ModelCache, generate, load_model, tile_ramp, tile_starts, tiled_net
 from sd.pnginfo import build_parameters, parse_parameters, to_settings
 
-from .test_app import free_port
+from .serving import serving
 from .test_parity_sd2_variants import depth_picture, picture
 
 
@@ -171,13 +171,10 @@ def world(tiny_files, tmp_path_factory):
     picture(64, 64).save(root / "photo.png")
     depth_picture(40, 30).save(root / "depth.png")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
     from gradio_client import Client
 
-    yield dict(root=root, outputs=outputs, demo=demo, client=Client(f"http://127.0.0.1:{port}/", verbose=False))
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield dict(root=root, outputs=outputs, demo=demo, client=Client(url, verbose=False))
 
 
 def test_upscale_tab_is_built_from_the_family(world) -> None:

@@ -8,7 +8,6 @@ skip-layer-guidance fields); a width that is not a multiple of 16 is a one-line 
 """
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -19,13 +18,8 @@ import app
 from sd.pipeline import GenerateParams, ModelCache, generate, load_model
 from sd.pnginfo import parse_parameters, to_settings
 
+from .serving import serving
 from .tiny_sd3 import write_tiny_sd3, write_tiny_spiece
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +31,8 @@ def server(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("outputs")
     demo = app.build_app(models, device="cpu", dtype="float32", cache=ModelCache(), outputs_dir=outputs,
                          concurrency=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs)])
-    yield f"http://127.0.0.1:{port}/", path
-    demo.close()
+    with serving(demo, outputs) as url:
+        yield url, path
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, file_sha256, load_pickle, open_checkpoint
+from .file_cache import FileCache
 from .tokenizer import CHUNK_TOKENS, encode, tokenize_chunks, tokenize_weighted
 
 Tensor = torch.Tensor
@@ -88,24 +89,12 @@ def read_embedding(path: str | os.PathLike) -> Embedding:
     return Embedding(path.stem, path, vec)
 
 
-_CACHE: dict[tuple[str, int, int], Embedding] = {}
-_CACHE_LOCK = threading.Lock()
+_CACHE: FileCache[Embedding] = FileCache(read_embedding, 256)
 
 
 def load_embedding(path: str | os.PathLike) -> Embedding:
     """read_embedding, cached by (path, size, mtime)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-    if hit is None:
-        hit = read_embedding(path)
-        with _CACHE_LOCK:
-            _CACHE[key] = hit
-            while len(_CACHE) > 256:
-                del _CACHE[next(iter(_CACHE))]
-    return hit
+    return _CACHE.get(path)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, open_checkpoint
+from .file_cache import FileCache
 
 Tensor = torch.Tensor
 
@@ -277,25 +278,12 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     return LoraFile(path, patches, unknown, unsupported)
 
 
-_FILE_CACHE: dict[tuple[str, int, int], LoraFile] = {}
-_FILE_LOCK = threading.Lock()
+_FILE_CACHE: FileCache[LoraFile] = FileCache(read_lora, 8)
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:
     """read_lora, cached by (path, size, mtime) (the last 8 files)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _FILE_LOCK:
-        hit = _FILE_CACHE.get(key)
-    if hit is not None:
-        return hit
-    lf = read_lora(path)
-    with _FILE_LOCK:
-        _FILE_CACHE[key] = lf
-        while len(_FILE_CACHE) > 8:
-            del _FILE_CACHE[next(iter(_FILE_CACHE))]
-    return lf
+    return _FILE_CACHE.get(path)
 
 
 # ------------------------------------------------------------------------------------------------ names -> modules

@@ -2,16 +2,11 @@
 after. Every test that talks to the app over HTTP (gradio_client, chromium) starts it through `serving`."""
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.app_load import free_port   # the load benchmark's own; tests/test_app.py takes it from here
 
 
 @contextmanager
